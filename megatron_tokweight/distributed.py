@@ -52,13 +52,16 @@ def spawn(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo")
             )
         except mp.ProcessRaisedException:
             pass  # the per-rank file below carries the full traceback
-        results = []
+        records = {}
         for rank in range(world_size):
             path = os.path.join(result_dir, f"rank{rank}.pt")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {rank} of {world_size} died without a result")
-            record = torch.load(path, weights_only=False)
+            if os.path.exists(path):
+                records[rank] = torch.load(path, weights_only=False)
+        # a failing rank's traceback first: mp.spawn kills the others, which then leave no result
+        for rank, record in sorted(records.items()):
             if not record["ok"]:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{record['error']}")
-            results.append(record["value"])
-        return results
+        missing = sorted(set(range(world_size)) - set(records))
+        if missing:
+            raise RuntimeError(f"ranks {missing} of {world_size} died without a result")
+        return [records[rank]["value"] for rank in range(world_size)]

@@ -20,5 +20,5 @@ def _fail_on_rank_one(rank, world_size):
 @pytest.mark.distributed
 def test_spawn_returns_each_rank_result_and_reports_failures():
     assert spawn(_allreduce_rank, 2) == [1.0, 1.0]
-    with pytest.raises(RuntimeError, match="rank 1 of 2 failed:.*boom on rank 1"):
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed:.*boom on rank 1"):
         spawn(_fail_on_rank_one, 2)
