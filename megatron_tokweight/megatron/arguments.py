@@ -1,0 +1,33 @@
+"""Command-line arguments for Megatron-LM: `extra_args_provider(parser)` for `pretrain(...)`.
+
+Adds the token-weighting flags (`megatron_tokweight.weighting.add_weighting_args`) and the
+packing flags below. Everything else the packed dataset needs comes from Megatron-LM's own
+arguments (`--data-path`/`--split`, `--seq-length`, `--seed`, `--data-cache-path`,
+`--context-parallel-size`, `--micro-batch-size`, `--calculate-per-token-loss`); see
+`datasets_provider.packed_dataset_config_from_args`.
+"""
+import argparse
+
+from megatron_tokweight.packing import ALGORITHMS, OVERLONG_POLICIES
+from megatron_tokweight.weighting import add_weighting_args
+
+
+def add_packing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the sequence-packing flags; returns the parser. Unset flags keep
+    `PackedDatasetConfig`'s defaults (bfd, truncate)."""
+    group = parser.add_argument_group("sequence packing", "packing samples into rows (megatron-tokweight)")
+    group.add_argument("--pack-algorithm", choices=ALGORITHMS, default=None,
+                       help="bfd: best-fit-decreasing (fewest rows, the default); ffd: first-fit-decreasing; "
+                            "next-fit: keeps the sample order")
+    group.add_argument("--pack-overlong", choices=OVERLONG_POLICIES, default=None,
+                       help="a sample longer than --seq-length is truncated to its first --seq-length tokens "
+                            "(the default), split into full rows plus a remainder (its fragments share the "
+                            "sample's weight), or dropped; every case is counted in the pack report")
+    return parser
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM `pretrain(..., extra_args_provider=extra_args_provider)`: weighting + packing flags."""
+    add_weighting_args(parser)
+    add_packing_args(parser)
+    return parser

@@ -1,0 +1,161 @@
+"""Megatron-LM's `train_valid_test_datasets_provider` for packed, weighted rows.
+
+`packed_dataset_config_from_args(args)` maps Megatron-LM's data arguments (`--data-path` or the
+per-split paths, `--split`, `--seq-length`, `--seed`, `--data-cache-path`,
+`--context-parallel-size`, ...) plus the weighting and packing flags onto a
+`PackedDatasetConfig`; `build_packed_datasets` runs Megatron-Core's
+`BlendedMegatronDatasetBuilder(PackedDataset, ...)`, so blends and splits behave as with
+`GPTDataset`.
+
+The datasets are built on rank 0 of every TP group, on every pipeline stage (Megatron-LM's
+`pretrain_gpt` builds them on the first and last stages only): middle stages need each
+micro-batch's `cu_seqlens` for THD attention, and every stage of one data-parallel replica reads
+the same rows, so each stage also computes the same normalizer.
+"""
+import argparse
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from megatron_tokweight.errors import ConfigError
+
+
+def _read_blend_file(path: str) -> List[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError as err:
+        raise ConfigError(f"cannot read the data-args file {path}: {err}") from None
+
+
+def blend_from_args(args: argparse.Namespace):
+    """(blend, blend_per_split) from Megatron-LM's data arguments (`--data-path` "[W1] P1 [W2] P2 ...",
+    `--data-args-path` FILE, `--train/valid/test-data-path`, `--per-split-data-args-path` JSON)."""
+    import json
+
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    data_path = getattr(args, "data_path", None)
+    data_args_path = getattr(args, "data_args_path", None)
+    if data_path is not None or data_args_path is not None:
+        if data_path is not None and data_args_path is not None:
+            raise ConfigError("give --data-path or --data-args-path, not both")
+        return get_blend_from_list(data_path if data_path is not None else _read_blend_file(data_args_path)), None
+    per_split_file = getattr(args, "per_split_data_args_path", None)
+    if per_split_file is not None:
+        try:
+            with open(per_split_file) as f:
+                per_split = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read --per-split-data-args-path {per_split_file}: {err}") from None
+        paths = [per_split.get(name) for name in ("train", "valid", "test")]
+        paths = [p.split() if isinstance(p, str) else p for p in paths]
+    else:
+        paths = [getattr(args, f"{name}_data_path", None) for name in ("train", "valid", "test")]
+    if all(p is None for p in paths):
+        raise ConfigError(
+            "no data: give --data-path PREFIX (prefixes prepared with `tokweight prepare`) or "
+            "--train-data-path/--valid-data-path/--test-data-path"
+        )
+    return None, [get_blend_from_list(p) for p in paths]
+
+
+def packed_dataset_config_from_args(args: argparse.Namespace):
+    """A `PackedDatasetConfig` from Megatron-LM arguments plus `extra_args_provider`'s flags."""
+    from megatron_tokweight.packed_dataset import PackedDatasetConfig
+    from megatron_tokweight.weighting import WeightingConfig
+
+    blend, blend_per_split = blend_from_args(args)
+    optional = {}
+    if getattr(args, "pack_algorithm", None) is not None:
+        optional["pack_algorithm"] = args.pack_algorithm
+    if getattr(args, "pack_overlong", None) is not None:
+        optional["overlong"] = args.pack_overlong
+    split = getattr(args, "split", None)
+    if blend is not None and split is None:
+        split = "969, 30, 1"  # Megatron-LM's default when --data-path is given
+    return PackedDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split if blend is not None else None,
+        num_dataset_builder_threads=getattr(args, "num_dataset_builder_threads", 1),
+        path_to_cache=getattr(args, "data_cache_path", None),
+        mmap_bin_files=getattr(args, "mmap_bin_files", True),
+        context_parallel_size=getattr(args, "context_parallel_size", 1),
+        weighting=WeightingConfig.from_args(args),
+        **optional,
+    )
+
+
+def build_packed_datasets(config, train_val_test_num_samples: Sequence[Optional[int]], is_built_on_rank: Callable[[], bool] = lambda: True):
+    """(train, valid, test) `PackedDataset`s (or blends of them) through Megatron-Core's builder."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    from megatron_tokweight.packed_dataset import PackedDataset
+
+    return BlendedMegatronDatasetBuilder(PackedDataset, list(train_val_test_num_samples), is_built_on_rank, config).build()
+
+
+def report_names(config) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(task names, dataset names) for the per-task and per-dataset loss reports.
+
+    Task names when every prefix's sidecar lists the same tasks (task ids index that list);
+    dataset names when `blend` holds several prefixes (a blend's `dataset_id` indexes them, the
+    same in every split). Otherwise empty: that report is off.
+    """
+    from megatron_tokweight.sidecar import read_sidecar
+
+    prefixes = config.prefixes()
+    task_lists = {tuple(read_sidecar(prefix).task_names) for prefix in prefixes}
+    tasks = task_lists.pop() if len(task_lists) == 1 else ()
+    datasets: Tuple[str, ...] = ()
+    if config.blend is not None and len(config.blend[0]) > 1:
+        names = [os.path.basename(os.fspath(prefix)) or os.fspath(prefix) for prefix in config.blend[0]]
+        datasets = tuple(name if names.count(name) == 1 else f"{i}:{name}" for i, name in enumerate(names))
+    return tasks, datasets
+
+
+def report_names_from_args(args: argparse.Namespace) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    return report_names(packed_dataset_config_from_args(args))
+
+
+def tokenizer_vocab_size(config) -> int:
+    """The vocabulary size the prefixes' sidecars record (the largest, should they differ)."""
+    from megatron_tokweight.sidecar import read_sidecar
+
+    return max(int(read_sidecar(prefix).tokenizer["vocab_size"]) for prefix in config.prefixes())
+
+
+def check_vocab_size(args: argparse.Namespace) -> None:
+    """ConfigError unless Megatron-LM's (padded) model vocabulary covers the prepared token ids."""
+    vocab = tokenizer_vocab_size(packed_dataset_config_from_args(args))
+    padded = getattr(args, "padded_vocab_size", None)
+    if padded is None or padded < vocab:
+        raise ConfigError(
+            f"the data was prepared with a vocabulary of {vocab} token ids but the model's (padded) vocabulary is "
+            f"{padded}; pass --tokenizer-type NullTokenizer --vocab-size {vocab} (or the tokenizer the data was "
+            "prepared with)"
+        )
+
+
+def is_dataset_built_on_rank() -> bool:
+    """Rank 0 of each TP group, every pipeline stage (module docstring)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Megatron-LM hook: `pretrain(train_valid_test_datasets_provider, ...)`."""
+    from megatron.training import get_args, print_rank_0
+
+    config = packed_dataset_config_from_args(get_args())
+    print_rank_0("> building packed, token-weighted train, validation and test datasets ...")
+    datasets = build_packed_datasets(config, train_val_test_num_samples, is_dataset_built_on_rank)
+    print_rank_0("> finished creating packed datasets ...")
+    return datasets
+
+
+# Megatron-LM calls a provider marked distributed on every rank (it decides per rank itself)
+train_valid_test_datasets_provider.is_distributed = True
