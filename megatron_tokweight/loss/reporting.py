@@ -1,0 +1,168 @@
+"""Loss reports per micro-batch, in the `[sum, count]` form Megatron's training loop averages.
+
+Megatron-LM's `train_step` takes, for every report key, the 2-element tensors of all
+micro-batches, sums them, all-reduces the sum over the DP x CP group and logs sum / count.
+`reduce_reports` does exactly that (one all-reduce for all keys) for the CPU loop and the demo.
+Each micro-batch's report is local (this rank's tokens); the reduction is over DP x CP, never
+TP (every TP rank holds the same tokens and reports the same values).
+
+Keys (values float64 [2]; M micro-batches per rank, D = |DP x CP|):
+
+| key | [sum, count] | after the reduction |
+|---|---|---|
+| `lm loss` | [sum l * mask, loss tokens] | unweighted mean loss (same as Megatron's stock key) |
+| `weighted loss` | [sum w l, this micro-batch's share of Z] | L = sum w l / Z, the training objective |
+| `task/NAME/lm loss` | [sum of the task's l, its loss tokens] | the task's unweighted mean loss |
+| `task/NAME/weighted loss` | [sum of the task's w l, its weight] | the task's weighted mean loss |
+| `task/NAME/loss tokens` | [the task's loss tokens, 1 / (M D)] | the task's loss-token count |
+| `task/NAME/weight share` | [the task's weight, all weight] | the task's share of the step's total weight |
+| `dataset/NAME/...` | the same four, per blended dataset (`dataset_id`) | |
+
+Every denominator is non-zero after the reduction: a task or dataset key is present only when
+the global batch (known before the step from `GlobalBatchStats`, so every rank and micro-batch
+has the same keys) gives it a non-zero denominator, and `weighted loss` with Z = 0 is reported as
+[0, 1 / (M D)], i.e. 0, the defined loss. Nothing turns into NaN.
+"""
+from typing import Dict, List, Mapping, Sequence
+
+import torch
+
+from megatron_tokweight.errors import DataFormatError
+from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, token_group_ids
+
+# columns of the per-group sums
+_L, _WL, _W, _N = range(4)
+
+
+def _group_sums(ids: torch.Tensor, selected: torch.Tensor, columns: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups, 4] sums of `columns` ([tokens, 4], zero off the loss mask) by id. Ids of loss
+    tokens were validated by the normalizer; other positions (id -1 on padding) go to group 0,
+    adding zeros. No boolean indexing, so no device sync."""
+    index = torch.where(selected, ids, torch.zeros_like(ids)).reshape(-1)
+    sums = torch.zeros(groups, columns.shape[1], dtype=torch.float64, device=columns.device)
+    return sums.index_add_(0, index, columns)
+
+
+_GROUP_KEYS = ("lm loss", "weighted loss", "loss tokens", "weight share")
+
+
+def _group_block(sums: torch.Tensor, inv_contributors: torch.Tensor, local_weight: torch.Tensor) -> torch.Tensor:
+    """[groups * 4, 2]: per group the rows of `_GROUP_KEYS`, in that order."""
+    groups = sums.shape[0]
+    return torch.stack(
+        [
+            sums[:, _L], sums[:, _N],  # lm loss: [sum l, tokens]
+            sums[:, _WL], sums[:, _W],  # weighted loss: [sum w l, weight]
+            sums[:, _N], inv_contributors.expand(groups),  # loss tokens: [tokens, 1 / (M D)]
+            sums[:, _W], local_weight.expand(groups),  # weight share: [weight, all weight]
+        ],
+        dim=1,
+    ).reshape(groups * len(_GROUP_KEYS), 2)
+
+
+def _group_keys(prefix: str, names: Sequence[str], tokens, weight, total_weight: float):
+    """(row index in the group block, key) of the keys whose global denominator is non-zero."""
+    keep = []
+    for k, name in enumerate(names):
+        present = (tokens[k] > 0, tokens[k] > 0 and weight[k] > 0, tokens[k] > 0, tokens[k] > 0 and total_weight > 0)
+        keep += [(k * len(_GROUP_KEYS) + j, f"{prefix}/{name}/{key}") for j, key in enumerate(_GROUP_KEYS) if present[j]]
+    return keep
+
+
+def micro_batch_report(
+    per_token_loss: torch.Tensor,
+    weighted_loss: torch.Tensor,
+    micro_batch: Mapping[str, torch.Tensor],
+    stats: GlobalBatchStats,
+    settings,
+) -> Dict[str, torch.Tensor]:
+    """This micro-batch's report (keys in the module docstring); `settings` is a `LossSettings`.
+
+    `per_token_loss` l and `weighted_loss` w * l have the shape of `loss_mask`. No collective,
+    no host sync; the values are the rows of one [keys, 2] float64 tensor.
+    """
+    mask = micro_batch["loss_mask"]
+    weights = micro_batch["loss_weights"]
+    with torch.no_grad():
+        l_masked = per_token_loss.detach().double() * mask.double()
+        weighted = weighted_loss.detach().double()
+        inv_contributors = torch.full((), 1.0 / (settings.num_microbatches * settings.dp_cp_size), dtype=torch.float64, device=mask.device)
+        selected = mask != 0
+        count = selected.sum().double()
+        local_weight = weights.double().sum()
+
+        z = stats.normalizer(settings.normalization)
+        if z == 0:  # the defined zero loss: [0, 1 / (M D)]
+            weighted_row = [torch.zeros_like(inv_contributors), inv_contributors]
+        else:
+            mode = settings.normalization
+            if mode is Normalization.WEIGHT_SUM:
+                share = local_weight
+            elif mode is Normalization.TOKEN_COUNT:
+                share = count
+            elif settings.cp_rank == 0:
+                share = micro_batch["num_samples"].double().sum().to(mask.device)
+            else:  # samples are counted on CP rank 0 only (normalizer.py)
+                share = torch.zeros_like(inv_contributors)
+            weighted_row = [weighted.sum(), share]
+        blocks = [torch.stack([l_masked.sum(), count, *weighted_row]).reshape(2, 2)]
+        keys = [(0, "lm loss"), (1, "weighted loss")]
+
+        groups = []
+        if settings.task_names:
+            groups.append(("task", "task_ids", settings.task_names, stats.task_loss_tokens, stats.task_weight_sum))
+        if settings.dataset_names:
+            groups.append(("dataset", "dataset_id", settings.dataset_names, stats.dataset_loss_tokens, stats.dataset_weight_sum))
+        if groups:  # weights are 0 off the loss mask (checked by the normalizer): every column is 0 there
+            columns = torch.stack([l_masked, weighted, weights.double(), selected.double()], dim=-1).reshape(-1, 4)
+        offset = 2
+        for prefix, key, names, tokens, weight in groups:
+            if len(tokens) != len(names):
+                raise DataFormatError(
+                    f"GlobalBatchStats has totals for {len(tokens)} {prefix}s but {len(names)} {prefix} names are configured; "
+                    f"compute the stats with num_{prefix}s={len(names)} (LossSettings.global_batch_stats does)"
+                )
+            sums = _group_sums(token_group_ids(micro_batch, key, mask), selected, columns, len(names))
+            blocks.append(_group_block(sums, inv_contributors, local_weight))
+            keys += [(offset + row, name) for row, name in _group_keys(prefix, names, tokens, weight, stats.weight_sum)]
+            offset += len(names) * len(_GROUP_KEYS)
+        table = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        rows = [row for row, _ in keys]
+        if rows != list(range(table.shape[0])):  # row views and one stack: no index tensor to copy to the device
+            table = torch.stack([table[row] for row in rows])
+    return dict(zip((name for _, name in keys), table))
+
+
+def reduce_reports(reports: List[Mapping[str, torch.Tensor]], dp_cp_group=None) -> Dict[str, float]:
+    """What Megatron-LM's training loop logs from the micro-batches' reports of one step.
+
+    2-element values: summed over micro-batches, all-reduced (SUM) over `dp_cp_group`, then
+    sum / count. 1-element values (the legacy 2-value loss form): the mean over micro-batches,
+    not reduced. One all-reduce over `dp_cp_group` for all keys together; never over TP.
+    """
+    if not reports:
+        return {}
+    keys = list(reports[0])
+    for index, report in enumerate(reports):
+        if list(report) != keys:
+            raise DataFormatError(
+                f"micro-batch {index} reports keys {sorted(report)} but micro-batch 0 reports {sorted(keys)}; "
+                "Megatron's training loop needs the same keys from every micro-batch"
+            )
+    pairs = [key for key in keys if reports[0][key].numel() == 2]
+    singles = [key for key in keys if reports[0][key].numel() == 1]
+    bad = [key for key in keys if key not in pairs and key not in singles]
+    if bad:
+        raise DataFormatError(f"report values must hold 1 or 2 elements; keys {bad} do not")
+    out: Dict[str, float] = {}
+    if pairs:
+        sums = torch.stack(
+            [torch.stack([report[key].reshape(-1).double() for report in reports]).sum(0) for key in pairs]
+        )
+        if dp_cp_group is not None and torch.distributed.get_world_size(dp_cp_group) > 1:
+            torch.distributed.all_reduce(sums, group=dp_cp_group)
+        for key, (total, count) in zip(pairs, sums.tolist()):
+            out[key] = total / count if count else float("nan")
+    for key in singles:
+        out[key] = float(torch.stack([report[key].reshape(()).double() for report in reports]).mean())
+    return {key: out[key] for key in keys}
