@@ -11,6 +11,9 @@ import traceback
 from typing import Any, Callable, List
 
 
+_PRELOAD = ["torch", "torch.distributed", "megatron.core.tensor_parallel", "megatron.core.models.gpt"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -42,13 +45,17 @@ def spawn(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo")
     import torch
     import torch.multiprocessing as mp
 
+    # Ranks fork from a server that imported torch and Megatron-Core once: a fresh interpreter
+    # per rank would spend seconds re-importing them (most of a small test's cost).
+    mp.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory(prefix="tokweight-spawn-") as result_dir:
         try:
-            mp.spawn(
+            mp.start_processes(
                 _entry,
                 args=(fn, world_size, free_port(), backend, result_dir, args),
                 nprocs=world_size,
                 join=True,
+                start_method="forkserver",
             )
         except mp.ProcessRaisedException:
             pass  # the per-rank file below carries the full traceback
