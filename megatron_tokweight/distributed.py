@@ -3,6 +3,8 @@
 `spawn(fn, world_size, *args)` runs `fn(rank, world_size, *args)` in `world_size` fresh
 processes with torch.distributed initialised, and returns the list of per-rank return values
 (they must be picklable). An exception on any rank is re-raised here with that rank's traceback.
+Ranks fork from a forkserver started on the first call, so they write to the stdout/stderr
+this process had at that first call.
 """
 import os
 import socket
