@@ -192,7 +192,7 @@ def _rank(rank, world_size, cfg):
         for variant in variants:
             state = fresh(scope)
             dist.barrier(group=tp_group)
-            peak = torch.tensor(_peak_bytes(lambda: run(variant, scope, state)), dtype=torch.float64)
+            peak = torch.tensor(_peak_bytes(partial(run, variant, scope, state)), dtype=torch.float64)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=tp_group)
             peaks[(variant, scope)] = float(peak)
             del state

@@ -32,18 +32,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from megatron_tokweight.errors import ConfigError
+from megatron_tokweight.errors import ConfigError, reject_unknown_keys
 
 # training-loop fields that may change between a run and its resumption
 NON_IDENTITY_FIELDS = ("log_interval", "eval_interval", "save_dir", "save_interval", "resume",
                        "exit_interval", "eval_max_rows")
 EXCLUDED_MODEL_FIELDS = ("vocab_size", "seq_length", "tensor_model_parallel_size")
-
-
-def _reject_unknown(mapping: Mapping, known: Sequence[str], where: str) -> None:
-    from megatron_tokweight.weighting.config import _reject_unknown as reject
-
-    reject(mapping, list(known), where)
 
 
 def _positive_int(value, where: str, minimum: int = 1) -> int:
@@ -175,7 +169,7 @@ class TrainConfig:
                     f"model.{key} is not set in the model section: vocab_size comes from the prepared data, "
                     "seq_length from data.seq_length, the TP size from tensor_parallel_size"
                 )
-        _reject_unknown(self.model, known, "model")
+        reject_unknown_keys(self.model, known, "model")
         self.model = dict(self.model)
         self.weighting = _weighting(self.weighting)
         for name in ("steps", "micro_batch_size", "num_micro_batches", "tensor_parallel_size",
@@ -226,7 +220,7 @@ class TrainConfig:
     def from_dict(cls, mapping: Mapping, where: str = "config") -> "TrainConfig":
         if not isinstance(mapping, Mapping):
             raise ConfigError(f"{where}: expected a mapping of training fields, got {type(mapping).__name__}")
-        _reject_unknown(mapping, [f.name for f in fields(cls)], where)
+        reject_unknown_keys(mapping, [f.name for f in fields(cls)], where)
         try:
             return cls(**dict(mapping))
         except ConfigError as err:
@@ -262,7 +256,7 @@ class TrainConfig:
 
 
 def _section(cls, mapping: Mapping, where: str):
-    _reject_unknown(mapping, [f.name for f in fields(cls)], where)
+    reject_unknown_keys(mapping, [f.name for f in fields(cls)], where)
     return cls(**dict(mapping))
 
 

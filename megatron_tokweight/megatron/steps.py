@@ -20,7 +20,7 @@ The module-level `forward_step(data_iterator, model, return_schedule_plan=False)
 global arguments and parallel state (the only place that reads them).
 """
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist

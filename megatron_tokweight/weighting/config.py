@@ -9,14 +9,13 @@ Rule text forms (used in files and on the command line):
   table entry "PATTERN=RULE", e.g. "*caption*=0.1"; PATTERN is an fnmatch glob (case-sensitive)
 """
 import argparse
-import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from megatron_tokweight.errors import ConfigError
+from megatron_tokweight.errors import ConfigError, reject_unknown_keys
 
 NORMALIZATIONS = ("weight_sum", "sample_count", "token_count")
 RULE_KINDS = ("none", "constant", "power")
@@ -42,16 +41,6 @@ def _exact(number: float) -> str:
     """Short text for a float that reads back to exactly the same value."""
     short = f"{number:g}"
     return short if float(short) == number else repr(number)
-
-
-def _reject_unknown(mapping: Mapping, known, where: str) -> None:
-    unknown = [key for key in mapping if key not in known]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; known keys: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +88,7 @@ class TaskRule:
         if isinstance(spec, TaskRule):
             return spec
         if isinstance(spec, Mapping):
-            _reject_unknown(spec, ("kind", "value", "exponent"), where)
+            reject_unknown_keys(spec, ("kind", "value", "exponent"), where)
             if "kind" not in spec:
                 raise ConfigError(f"{where}: a rule mapping needs 'kind' ({', '.join(RULE_KINDS)})")
             return cls._build(where, spec["kind"], spec.get("value", 1.0), spec.get("exponent"))
@@ -166,7 +155,7 @@ class TaskRuleEntry:
                 raise ConfigError(f"{where}: expected 'PATTERN=RULE' (e.g. '*caption*=0.1'), got {spec!r}")
             return cls(pattern, TaskRule.parse(rule, f"{where} ({pattern!r})"))
         if isinstance(spec, Mapping):
-            _reject_unknown(spec, ("pattern", "rule"), where)
+            reject_unknown_keys(spec, ("pattern", "rule"), where)
             if "pattern" not in spec or "rule" not in spec:
                 raise ConfigError(f"{where}: a task rule needs both 'pattern' and 'rule', got {dict(spec)!r}")
             pattern = spec["pattern"]
@@ -214,7 +203,7 @@ class FrequencyRule:
             return spec
         if not isinstance(spec, Mapping):
             raise ConfigError(f"frequency: expected a mapping {{alpha, lo, hi}}, got {spec!r}")
-        _reject_unknown(spec, ("alpha", "lo", "hi"), "frequency")
+        reject_unknown_keys(spec, ("alpha", "lo", "hi"), "frequency")
         if "alpha" not in spec:
             raise ConfigError("frequency: 'alpha' is required (e.g. {alpha: 0.5, lo: 0.5, hi: 2.0})")
         return cls(**spec)
@@ -322,7 +311,7 @@ class WeightingConfig:
         if not isinstance(mapping, Mapping):
             raise ConfigError(f"weighting config: expected a mapping, got {type(mapping).__name__}")
         known = [f.name for f in fields(cls)]
-        _reject_unknown(mapping, known, "weighting config")
+        reject_unknown_keys(mapping, known, "weighting config")
         return cls(**dict(mapping))
 
     @classmethod
@@ -346,7 +335,7 @@ class WeightingConfig:
         if config_file:
             data = dict(_read_mapping(Path(config_file)))
             try:
-                _reject_unknown(data, [f.name for f in fields(cls)], "weighting config")
+                reject_unknown_keys(data, [f.name for f in fields(cls)], "weighting config")
             except ConfigError as err:
                 raise ConfigError(f"{config_file}: {err}") from None
         flag_fields = {
