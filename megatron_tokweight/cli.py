@@ -4,10 +4,10 @@ Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
 """
 import argparse
 import sys
-import warnings
 from importlib import import_module
 
 from megatron_tokweight.errors import TokweightError
+from megatron_tokweight.quiet import silence_expected_megatron_warnings
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -32,8 +32,7 @@ def build_parser(command=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # megatron-core warns at import that optional TE/Apex are absent; on CPU that is expected
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    silence_expected_megatron_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
     args = build_parser(command).parse_args(argv)

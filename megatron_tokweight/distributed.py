@@ -13,7 +13,7 @@ import traceback
 from typing import Any, Callable, List
 
 
-_PRELOAD = ["torch", "torch.distributed", "megatron.core.tensor_parallel", "megatron.core.models.gpt"]
+_PRELOAD = ["megatron_tokweight._rank_preload"]
 
 
 def free_port() -> int:
@@ -26,6 +26,9 @@ def _entry(rank, fn, world_size, port, backend, result_dir, args):
     import torch
     import torch.distributed as dist
 
+    from megatron_tokweight.quiet import silence_expected_megatron_warnings
+
+    silence_expected_megatron_warnings()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # one intra-op thread per rank: ranks share the machine's cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
