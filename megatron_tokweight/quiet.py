@@ -1,7 +1,8 @@
 """Warnings Megatron-Core emits on every CPU run that a user cannot act on.
 
 Optional TE/Apex being absent is the expected CPU setup, and "full scope is deprecated" comes
-from a default inside Megatron's own TransformerConfig. Filtered by message, nothing else.
+from a default inside Megatron's own TransformerConfig; the CUDA_DEVICE_MAX_CONNECTIONS hint is
+about CUDA streams. Filtered by message, nothing else.
 """
 import warnings
 
@@ -9,6 +10,7 @@ EXPECTED_MEGATRON_WARNINGS = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
     "full scope is deprecated",
+    "CUDA_DEVICE_MAX_CONNECTIONS",  # a CUDA stream setting; meaningless on CPU
 )
 
 

@@ -153,6 +153,9 @@ def forward_backward(
             model, output_tensor, loss_func, config, None, False, num_microbatches, reports,
             cp_group_size=cp_size, is_last_stage=True,
         )
+        # Megatron's forward_step rebinds output_tensor to the loss: the model output (e.g. the
+        # [s, b] per-token loss) is not kept alive through the backward
+        del output_tensor, loss_func
         total_num_tokens += num_tokens.to(total_num_tokens.device)
         if not forward_only:
             if config.grad_scale_func is not None:

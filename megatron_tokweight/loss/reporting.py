@@ -30,17 +30,30 @@ import torch
 from megatron_tokweight.errors import DataFormatError
 from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, token_group_ids
 
-# columns of the per-group sums
+# rows of the report's float64 token columns and of the per-group sums
 _L, _WL, _W, _N = range(4)
 
 
+def _token_columns(per_token_loss: torch.Tensor, weighted_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """[4, tokens] float64 rows l * mask, w l, w and loss token (0/1), in token order.
+
+    One buffer filled in place: no float64 copy of each input plus a stacked copy of them all
+    (the products are computed in float64, as `l.double() * mask.double()` would)."""
+    columns = torch.empty(4, mask.numel(), dtype=torch.float64, device=mask.device)
+    columns[_L].view(mask.shape).copy_(per_token_loss).mul_(mask)
+    columns[_WL].view(mask.shape).copy_(weighted_loss)
+    columns[_W].view(mask.shape).copy_(weights)
+    columns[_N].view(mask.shape).copy_(selected)
+    return columns
+
+
 def _group_sums(ids: torch.Tensor, selected: torch.Tensor, columns: torch.Tensor, groups: int) -> torch.Tensor:
-    """[groups, 4] sums of `columns` ([tokens, 4], zero off the loss mask) by id. Ids of loss
-    tokens were validated by the normalizer; other positions (id -1 on padding) go to group 0,
-    adding zeros. No boolean indexing, so no device sync."""
-    index = torch.where(selected, ids, torch.zeros_like(ids)).reshape(-1)
-    sums = torch.zeros(groups, columns.shape[1], dtype=torch.float64, device=columns.device)
-    return sums.index_add_(0, index, columns)
+    """[4, groups] sums of the `columns` rows ([4, tokens], zero off the loss mask) by id. Ids of
+    loss tokens were validated by the normalizer; other positions (id -1 on padding) go to group
+    0, adding zeros. No boolean indexing, so no device sync."""
+    index = torch.where(selected, ids, 0).reshape(-1)
+    sums = torch.zeros(columns.shape[0], groups, dtype=torch.float64, device=columns.device)
+    return sums.index_add_(1, index, columns)
 
 
 _GROUP_KEYS = ("lm loss", "weighted loss", "loss tokens", "weight share")
@@ -48,13 +61,13 @@ _GROUP_KEYS = ("lm loss", "weighted loss", "loss tokens", "weight share")
 
 def _group_block(sums: torch.Tensor, inv_contributors: torch.Tensor, local_weight: torch.Tensor) -> torch.Tensor:
     """[groups * 4, 2]: per group the rows of `_GROUP_KEYS`, in that order."""
-    groups = sums.shape[0]
+    groups = sums.shape[1]
     return torch.stack(
         [
-            sums[:, _L], sums[:, _N],  # lm loss: [sum l, tokens]
-            sums[:, _WL], sums[:, _W],  # weighted loss: [sum w l, weight]
-            sums[:, _N], inv_contributors.expand(groups),  # loss tokens: [tokens, 1 / (M D)]
-            sums[:, _W], local_weight.expand(groups),  # weight share: [weight, all weight]
+            sums[_L], sums[_N],  # lm loss: [sum l, tokens]
+            sums[_WL], sums[_W],  # weighted loss: [sum w l, weight]
+            sums[_N], inv_contributors.expand(groups),  # loss tokens: [tokens, 1 / (M D)]
+            sums[_W], local_weight.expand(groups),  # weight share: [weight, all weight]
         ],
         dim=1,
     ).reshape(groups * len(_GROUP_KEYS), 2)
@@ -84,12 +97,11 @@ def micro_batch_report(
     mask = micro_batch["loss_mask"]
     weights = micro_batch["loss_weights"]
     with torch.no_grad():
-        l_masked = per_token_loss.detach().double() * mask.double()
-        weighted = weighted_loss.detach().double()
         inv_contributors = torch.full((), 1.0 / (settings.num_microbatches * settings.dp_cp_size), dtype=torch.float64, device=mask.device)
         selected = mask != 0
+        columns = _token_columns(per_token_loss.detach(), weighted_loss.detach(), mask, weights, selected)
         count = selected.sum().double()
-        local_weight = weights.double().sum()
+        local_weight = columns[_W].sum()
 
         z = stats.normalizer(settings.normalization)
         if z == 0:  # the defined zero loss: [0, 1 / (M D)]
@@ -104,8 +116,8 @@ def micro_batch_report(
                 share = micro_batch["num_samples"].double().sum().to(mask.device)
             else:  # samples are counted on CP rank 0 only (normalizer.py)
                 share = torch.zeros_like(inv_contributors)
-            weighted_row = [weighted.sum(), share]
-        blocks = [torch.stack([l_masked.sum(), count, *weighted_row]).reshape(2, 2)]
+            weighted_row = [columns[_WL].sum(), share]
+        blocks = [torch.stack([columns[_L].sum(), count, *weighted_row]).reshape(2, 2)]
         keys = [(0, "lm loss"), (1, "weighted loss")]
 
         groups = []
@@ -113,8 +125,6 @@ def micro_batch_report(
             groups.append(("task", "task_ids", settings.task_names, stats.task_loss_tokens, stats.task_weight_sum))
         if settings.dataset_names:
             groups.append(("dataset", "dataset_id", settings.dataset_names, stats.dataset_loss_tokens, stats.dataset_weight_sum))
-        if groups:  # weights are 0 off the loss mask (checked by the normalizer): every column is 0 there
-            columns = torch.stack([l_masked, weighted, weights.double(), selected.double()], dim=-1).reshape(-1, 4)
         offset = 2
         for prefix, key, names, tokens, weight in groups:
             if len(tokens) != len(names):
@@ -122,6 +132,7 @@ def micro_batch_report(
                     f"GlobalBatchStats has totals for {len(tokens)} {prefix}s but {len(names)} {prefix} names are configured; "
                     f"compute the stats with num_{prefix}s={len(names)} (LossSettings.global_batch_stats does)"
                 )
+            # weights are 0 off the loss mask (checked by the normalizer): every column is 0 there
             sums = _group_sums(token_group_ids(micro_batch, key, mask), selected, columns, len(names))
             blocks.append(_group_block(sums, inv_contributors, local_weight))
             keys += [(offset + row, name) for row, name in _group_keys(prefix, names, tokens, weight, stats.weight_sum)]
