@@ -29,7 +29,12 @@ Memory: one extra run per variant under `torch.profiler` with `profile_memory=Tr
 every CPU allocation and free with its size; the peak is the largest running sum of those sizes
 in time order, i.e. the peak of live bytes allocated inside the run (tensors made before it, e.g.
 the ready logits of the `loss` scope, are not counted; in `output_layer+loss` the logits are). Largest rank. Ratio ours /
-megatron (target <= 1.0). Profiled runs are not timed.
+megatron (target <= 1.0). Profiled runs are not timed. `report_bytes` gives the bytes of the
+report each variant returns: it is made before the backward and kept through it (Megatron's
+`forward_data_store`), so it is live at the backward's peak in both; Megatron's is one fp32 pair,
+ours 2 + 4 x (tasks + datasets) float64 pairs.
+
+`--quick` (3 repetitions, TP = 1) is for iterating; the full run is the measurement.
 
 Results: printed and written to benchmarks/results/bench_loss.json.
 """
@@ -196,8 +201,13 @@ def _rank(rank, world_size, cfg):
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=tp_group)
             peaks[(variant, scope)] = float(peak)
             del state
+    report_bytes = {}
+    for variant in variants:
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for r in run(variant, "loss_func", fresh("loss_func")) for v in r.values()}
+        report_bytes[variant] = sum(storages.values())
     return {
         "path": cross_entropy_path(tp_group),
+        "report_bytes": report_bytes,
         "check_rel_err": check,
         "times": {f"{v}|{s}": t for (v, s), t in times.items()},
         "cpu_times": {f"{v}|{s}": t for (v, s), t in cpu_times.items()},
@@ -218,7 +228,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="3 repetitions at TP = 1 only, for iterating")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.tp = 3, [1]
 
     from megatron_tokweight.distributed import spawn
 
@@ -249,7 +262,7 @@ def main(argv=None):
                 "wall_s": {v: rank0["times"][f"{v}|{scope}"] for v in ("megatron", "ours")},
                 "cpu_s": {v: rank0["cpu_times"][f"{v}|{scope}"] for v in ("megatron", "ours")},
                 "peak_mib": {"megatron": p_meg / 2**20, "ours": p_ours / 2**20}, "peak_ratio": p_ours / p_meg if p_meg else float("nan"),
-                "peak_diff_bytes": p_ours - p_meg,
+                "peak_diff_bytes": p_ours - p_meg, "report_bytes": rank0["report_bytes"],
                 "loss_check_rel_err": rank0["check_rel_err"], "loss_tokens": rank0["loss_tokens"],
             }
             results["runs"].append(run)
@@ -258,7 +271,7 @@ def main(argv=None):
                 f"(paired {run['paired_wall_ratio']:.3f}) | cpu {c_meg * 1e3:8.2f} vs {c_ours * 1e3:8.2f} ms ratio {run['cpu_ratio']:.3f} "
                 f"(paired {run['paired_cpu_ratio']:.3f}) | "
                 f"peak {run['peak_mib']['megatron']:7.1f} vs {run['peak_mib']['ours']:7.1f} MiB ratio {run['peak_ratio']:.6f} "
-                f"({run['peak_diff_bytes']:+.0f} B) "
+                f"({run['peak_diff_bytes']:+.0f} B; reports {rank0['report_bytes']['megatron']} vs {rank0['report_bytes']['ours']} B) "
                 f"| {rank0['path']} | L check {rank0['check_rel_err']:.0e}",
                 flush=True,
             )

@@ -34,7 +34,9 @@ from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, 
 _L, _WL, _W, _N = range(4)
 
 
-def _token_columns(per_token_loss: torch.Tensor, weighted_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+def _token_columns(
+    per_token_loss: torch.Tensor, weighted_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
     """[4, tokens] float64 rows l * mask, w l, w and loss token (0/1), in token order.
 
     One buffer filled in place: no float64 copy of each input plus a stacked copy of them all
