@@ -1,0 +1,60 @@
+"""Scoring forwards: a GPT model's log p(label) on packed rows and on short-context windows.
+
+Both run under no_grad with the model in eval mode (dropout off, so scores are deterministic) and
+restore its training flag afterwards. Logits stay vocab-parallel; `target_logprobs` reduces them
+over `tp_group`, so every TP rank of a group gets the same values.
+"""
+from contextlib import contextmanager
+
+import torch
+
+from megatron_tokweight.longcontext.logprobs import target_logprobs
+from megatron_tokweight.longcontext.windows import WindowPlan, split_plan
+
+
+@contextmanager
+def scoring_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def stream_logprobs(model, batch: dict, tp_group=None) -> torch.Tensor:
+    """log p(labels) [T] (fp32, full context) of a flattened THD micro-batch
+    (`megatron.batch.flatten_rows` format: per-token keys [1, T])."""
+    from megatron_tokweight.model import packed_logits
+
+    with scoring_mode(model):
+        logits = packed_logits(model, batch)[:, 0]  # [T, v/tp]
+        return target_logprobs(logits, batch["labels"].reshape(-1), tp_group)
+
+
+def window_logprobs(
+    model,
+    plan: WindowPlan,
+    flat_tokens: torch.Tensor,
+    flat_labels: torch.Tensor,
+    out: torch.Tensor,
+    tp_group=None,
+    max_tokens: int = 8192,
+) -> torch.Tensor:
+    """Write into `out` (flat, fp32) the log p(label) of every position `plan` scores.
+
+    flat_tokens / flat_labels: the source positions' tokens and labels (label = the token that
+    position predicts). Windows run in packed batches of at most `max_tokens` tokens (a single
+    longer window runs alone).
+    """
+    from megatron_tokweight.model import packed_logits
+
+    flat_tokens = flat_tokens.reshape(-1)
+    flat_labels = flat_labels.reshape(-1)
+    with scoring_mode(model):
+        for part in split_plan(plan, max_tokens):
+            logits = packed_logits(model, part.batch(flat_tokens))[:, 0]  # [T, v/tp]
+            kept = logits[part.score_from]
+            out[part.score_to] = target_logprobs(kept, flat_labels[part.score_to], tp_group)
+    return out

@@ -1,0 +1,55 @@
+"""log p(label) from vocab-parallel logits, reduced over the tensor-parallel group, without grad.
+
+Under TP each rank holds logits for a contiguous vocabulary shard [rank * v/tp, (rank+1) * v/tp)
+(Megatron's `VocabUtility` layout). log p(y) = z_y - logsumexp_v z_v needs three all-reduces over
+`tp_group`: MAX of the shard maxima, SUM of the shard sums of exp(z - max), and SUM of the target
+logit, which exactly one shard holds (the others contribute 0). Every rank ends with the same
+values. Scores are weights, not a loss: nothing here is differentiated.
+"""
+import torch
+
+
+@torch.no_grad()
+def target_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, tp_group=None
+) -> torch.Tensor:
+    """fp32 log-probability of `labels` [...]; `logits` [..., v/tp] (the local vocab shard).
+
+    tp_group None (or of size 1) means the logits hold the full vocabulary.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
+            "logits must be labels' shape plus a vocabulary dimension"
+        )
+    import torch.distributed as dist
+
+    tp_size = 1 if tp_group is None else dist.get_world_size(group=tp_group)
+    logits = logits.detach().float()
+    local_vocab = logits.shape[-1]
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= local_vocab * tp_size):
+        raise ValueError(
+            f"labels must lie in [0, {local_vocab * tp_size}) (the model vocabulary); "
+            f"got {labels.min().item()}..{labels.max().item()}"
+        )
+    if tp_size == 1:
+        return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    first, last = VocabUtility.vocab_range_from_per_partition_vocab_size(
+        local_vocab, dist.get_rank(group=tp_group), tp_size
+    )
+    maximum = logits.max(dim=-1).values
+    dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=tp_group)
+    shifted = logits - maximum.unsqueeze(-1)
+    sum_exp = shifted.exp().sum(dim=-1)
+    dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=tp_group)
+    mine = (labels >= first) & (labels < last)
+    local_index = torch.where(mine, labels - first, torch.zeros_like(labels))
+    target = shifted.gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
+    target = torch.where(mine, target, torch.zeros_like(target))
+    dist.all_reduce(target, op=dist.ReduceOp.SUM, group=tp_group)
+    return target - sum_exp.log()
+
