@@ -56,17 +56,17 @@ def check_labels(labels: torch.Tensor, vocab_size: int, name: str = "labels") ->
     """
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise DataFormatError(f"{name} must be an integer tensor, got {labels.dtype}")
-    bad = (labels < 0) | (labels >= vocab_size)
-    count = int(bad.sum())
-    if count:
-        positions = _first_positions(bad)
-        raise DataFormatError(
-            f"{name}: {count} labels outside [0, {vocab_size}) (vocabulary = local shard x TP size); "
-            f"first at positions {positions} with values {[int(labels[p]) for p in positions]}"
-        )
+    check_ids(labels, vocab_size, name, what="labels", hint="vocabulary = local shard x TP size")
 
 
-def check_ids(ids: torch.Tensor, upper: int, name: str, allowed_extra: Sequence[int] = ()) -> None:
+def check_ids(
+    ids: torch.Tensor,
+    upper: int,
+    name: str,
+    allowed_extra: Sequence[int] = (),
+    what: str = "ids",
+    hint: str = "",
+) -> None:
     """Raise DataFormatError when an id lies outside [0, upper) (plus `allowed_extra`)."""
     bad = (ids < 0) | (ids >= upper)
     for value in allowed_extra:
@@ -74,7 +74,8 @@ def check_ids(ids: torch.Tensor, upper: int, name: str, allowed_extra: Sequence[
     count = int(bad.sum())
     if count:
         positions = _first_positions(bad)
+        hint = hint or f"configure {upper} names or fix the data"
         raise DataFormatError(
-            f"{name}: {count} ids outside [0, {upper}); first at positions {positions} with values "
-            f"{[int(ids[p]) for p in positions]} (configure {upper} names or fix the data)"
+            f"{name}: {count} {what} outside [0, {upper}) ({hint}); first at positions {positions} "
+            f"with values {[int(ids[p]) for p in positions]}"
         )

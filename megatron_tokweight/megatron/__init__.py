@@ -13,7 +13,7 @@ Only `steps_from_megatron_args`, `forward_step` and `train_valid_test_datasets_p
 Megatron-LM's global arguments and parallel state; everything else takes its groups as arguments.
 Nothing here imports Megatron-LM (`megatron.training`) until a hook is called.
 """
-from importlib import import_module
+from megatron_tokweight import lazy_exports
 
 _EXPORTS = {
     "extra_args_provider": "megatron_tokweight.megatron.arguments",
@@ -33,10 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'megatron_tokweight.megatron' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
