@@ -8,7 +8,12 @@ state initialised with that TP size):
   function (`stock_loss_func`: masked sum, int token count, `lm loss` report);
 - `ours`: `global_batch_stats` (the step's one all-reduce, here over a DP x CP group of one) +
   `per_token_cross_entropy` (validation + the same Megatron function) + `make_loss_func`
-  (weights, exact-L scaling, per-task and per-dataset reports for 2 + 2 groups).
+  (weights, exact-L scaling, per-task and per-dataset reports for 2 + 2 groups: the default
+  `report="full"`);
+- `ours_objective`: the same with `report="objective"`: the report holds only the objective L
+  as one fp32 [sum, count] pair, the size of Megatron's stock `lm loss` report. This is the
+  like-for-like comparison with the stock loss function, which reports one pair; `ours` shows
+  what the per-task / per-dataset reports add.
 
 Both run through `megatron_tokweight.schedule.forward_backward` (M = 1, Megatron's
 `forward_step_calc_loss`), forward and backward, in three scopes:
@@ -31,8 +36,8 @@ in time order, i.e. the peak of live bytes allocated inside the run (tensors mad
 the ready logits of the `loss` scope, are not counted; in `output_layer+loss` the logits are). Largest rank. Ratio ours /
 megatron (target <= 1.0). Profiled runs are not timed. `report_bytes` gives the bytes of the
 report each variant returns: it is made before the backward and kept through it (Megatron's
-`forward_data_store`), so it is live at the backward's peak in both; Megatron's is one fp32 pair,
-ours 2 + 4 x (tasks + datasets) float64 pairs.
+`forward_data_store`), so it is live at the backward's peak in all variants; Megatron's and
+`ours_objective`'s are one fp32 pair, `ours`'s 2 + 4 x (tasks + datasets) float64 pairs.
 
 `--quick` (3 repetitions, TP = 1) is for iterating; the full run is the measurement.
 
@@ -54,6 +59,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loss.json"
 TASKS, DATASETS = ("caption", "qa"), ("mix_a", "mix_b")
 SCOPES = ("loss_func", "loss", "output_layer+loss")
+OURS = {"ours": "full", "ours_objective": "objective"}  # variant -> LossSettings.report
 
 
 def _row_batch(rows, seq, vocab, seed):
@@ -140,21 +146,23 @@ def _rank(rank, world_size, cfg):
     with torch.no_grad():
         ready_logits = torch.matmul(hidden_states, weight.t())
         ready_per_token = vocab_parallel_cross_entropy(ready_logits.clone(), batch["labels_sb"]).t().contiguous()
-    settings = LossSettings("weight_sum", 1, 1, False, task_names=TASKS, dataset_names=DATASETS)
+    settings = {variant: LossSettings("weight_sum", 1, 1, False, task_names=TASKS, dataset_names=DATASETS, report=level)
+                for variant, level in OURS.items()}
     config = ScheduleConfig(calculate_per_token_loss=False)
     model = torch.nn.Module()
 
     def run(variant, scope, state):
-        cross_entropy = partial(per_token_cross_entropy, tp_group=tp_group) if variant == "ours" else vocab_parallel_cross_entropy
+        ours = variant in OURS
+        cross_entropy = partial(per_token_cross_entropy, tp_group=tp_group) if ours else vocab_parallel_cross_entropy
         if scope == "loss_func":
             per_token_of = lambda mb: state["per_token"]  # noqa: E731
         elif scope == "loss":
             per_token_of = lambda mb: cross_entropy(state["logits"], mb["labels_sb"]).t()  # noqa: E731
         else:
             per_token_of = lambda mb: cross_entropy(torch.matmul(state["h"], weight.t()), mb["labels_sb"]).t()  # noqa: E731
-        if variant == "ours":
-            stats = settings.global_batch_stats([batch], None)
-            loss_func_of = lambda mb: make_loss_func(mb, stats, settings)  # noqa: E731
+        if ours:
+            stats = settings[variant].global_batch_stats([batch], None)
+            loss_func_of = lambda mb: make_loss_func(mb, stats, settings[variant])  # noqa: E731
         else:
             loss_func_of = lambda mb: partial(stock_loss_func, mb["loss_mask"])  # noqa: E731
         reports, _ = forward_backward(partial(_step, per_token_of, loss_func_of), iter([batch]), model, 1, config, None, finalize=False)
@@ -169,17 +177,16 @@ def _rank(rank, world_size, cfg):
         return {"h": hidden_states.clone().requires_grad_()}
 
     # correctness of what is timed: ours reports L = sum w l / sum w from the same per-token losses
-    ours = reduce_reports(run("ours", "loss", fresh("loss")), None)
     l = ready_per_token.double()
     expected = float((l * batch["loss_weights"]).sum() / batch["loss_weights"].sum())
-    check = abs(ours["weighted loss"] - expected) / expected
+    check = max(abs(reduce_reports(run(v, "loss", fresh("loss")), None)["weighted loss"] - expected) / expected for v in OURS)
 
-    variants = ("megatron", "ours")
+    variants = ("megatron", *OURS)
     times = {(v, s): [] for v in variants for s in cfg["scopes"]}
     cpu_times = {(v, s): [] for v in variants for s in cfg["scopes"]}
     for rep in range(cfg["warmup"] + cfg["reps"]):
         for scope in cfg["scopes"]:
-            for variant in variants if rep % 2 == 0 else variants[::-1]:
+            for variant in variants[rep % len(variants):] + variants[: rep % len(variants)]:  # rotate the order
                 state = fresh(scope)
                 dist.barrier(group=tp_group)
                 start, start_cpu = time.perf_counter(), time.process_time()
@@ -217,6 +224,32 @@ def _rank(rank, world_size, cfg):
     }
 
 
+def _compare(rank0, tp, scope, ours):
+    """One variant of ours against megatron in one scope: median times and their ratios, the
+    median of the per-repetition (paired) ratios, peaks."""
+    def series(kind, variant):
+        return rank0[kind][f"{variant}|{scope}"]
+
+    med = {kind: {v: statistics.median(series(kind, v)) for v in ("megatron", ours)} for kind in ("times", "cpu_times")}
+    # each repetition runs the variants back to back: the median of the per-repetition ratios
+    # cancels slow drifts of the machine's load
+    paired = {kind: statistics.median(o / m for o, m in zip(series(kind, ours), series(kind, "megatron"))) for kind in med}
+    p_meg, p_ours = (rank0["peaks"][f"{v}|{scope}"] for v in ("megatron", ours))
+    return {
+        "tp": tp, "scope": scope, "variant": ours, "report": OURS[ours],
+        "cross_entropy_path": rank0["path"], "threads_per_rank": rank0["threads"],
+        "median_wall_s": med["times"], "wall_ratio": med["times"][ours] / med["times"]["megatron"],
+        "median_cpu_s": med["cpu_times"], "cpu_ratio": med["cpu_times"][ours] / med["cpu_times"]["megatron"],
+        "paired_wall_ratio": paired["times"], "paired_cpu_ratio": paired["cpu_times"],
+        "median_cpu_overhead_ms": (med["cpu_times"][ours] - med["cpu_times"]["megatron"]) * 1e3,
+        "wall_s": {v: series("times", v) for v in ("megatron", ours)},
+        "cpu_s": {v: series("cpu_times", v) for v in ("megatron", ours)},
+        "peak_mib": {"megatron": p_meg / 2**20, ours: p_ours / 2**20}, "peak_ratio": p_ours / p_meg if p_meg else float("nan"),
+        "peak_diff_bytes": p_ours - p_meg, "report_bytes": {v: rank0["report_bytes"][v] for v in ("megatron", ours)},
+        "loss_check_rel_err": rank0["check_rel_err"], "loss_tokens": rank0["loss_tokens"],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2)
@@ -246,35 +279,18 @@ def main(argv=None):
     for tp in args.tp:
         rank0 = spawn(_rank, tp, cfg)[0]
         for scope in args.scopes:
-            t_meg, t_ours = (statistics.median(rank0["times"][f"{v}|{scope}"]) for v in ("megatron", "ours"))
-            c_meg, c_ours = (statistics.median(rank0["cpu_times"][f"{v}|{scope}"]) for v in ("megatron", "ours"))
-            p_meg, p_ours = (rank0["peaks"][f"{v}|{scope}"] for v in ("megatron", "ours"))
-            # each repetition runs the two back to back: the median of the per-repetition ratios
-            # cancels slow drifts of the machine's load
-            paired = {kind: statistics.median(o / m for o, m in zip(rank0[kind][f"ours|{scope}"], rank0[kind][f"megatron|{scope}"]))
-                      for kind in ("times", "cpu_times")}
-            run = {
-                "tp": tp, "scope": scope, "cross_entropy_path": rank0["path"], "threads_per_rank": rank0["threads"],
-                "median_wall_s": {"megatron": t_meg, "ours": t_ours}, "wall_ratio": t_ours / t_meg,
-                "median_cpu_s": {"megatron": c_meg, "ours": c_ours}, "cpu_ratio": c_ours / c_meg,
-                "paired_wall_ratio": paired["times"], "paired_cpu_ratio": paired["cpu_times"],
-                "median_cpu_overhead_ms": (c_ours - c_meg) * 1e3,
-                "wall_s": {v: rank0["times"][f"{v}|{scope}"] for v in ("megatron", "ours")},
-                "cpu_s": {v: rank0["cpu_times"][f"{v}|{scope}"] for v in ("megatron", "ours")},
-                "peak_mib": {"megatron": p_meg / 2**20, "ours": p_ours / 2**20}, "peak_ratio": p_ours / p_meg if p_meg else float("nan"),
-                "peak_diff_bytes": p_ours - p_meg, "report_bytes": rank0["report_bytes"],
-                "loss_check_rel_err": rank0["check_rel_err"], "loss_tokens": rank0["loss_tokens"],
-            }
-            results["runs"].append(run)
-            print(
-                f"TP={tp} {scope:17s} wall {t_meg * 1e3:8.2f} vs {t_ours * 1e3:8.2f} ms ratio {run['wall_ratio']:.3f} "
-                f"(paired {run['paired_wall_ratio']:.3f}) | cpu {c_meg * 1e3:8.2f} vs {c_ours * 1e3:8.2f} ms ratio {run['cpu_ratio']:.3f} "
-                f"(paired {run['paired_cpu_ratio']:.3f}) | "
-                f"peak {run['peak_mib']['megatron']:7.1f} vs {run['peak_mib']['ours']:7.1f} MiB ratio {run['peak_ratio']:.6f} "
-                f"({run['peak_diff_bytes']:+.0f} B; reports {rank0['report_bytes']['megatron']} vs {rank0['report_bytes']['ours']} B) "
-                f"| {rank0['path']} | L check {rank0['check_rel_err']:.0e}",
-                flush=True,
-            )
+            for ours in OURS:
+                run = _compare(rank0, tp, scope, ours)
+                results["runs"].append(run)
+                print(
+                    f"TP={tp} {scope:17s} {ours:14s} wall ratio {run['wall_ratio']:.3f} (paired {run['paired_wall_ratio']:.3f}; "
+                    f"{run['median_wall_s']['megatron'] * 1e3:.1f} vs {run['median_wall_s'][ours] * 1e3:.1f} ms) | "
+                    f"cpu ratio {run['cpu_ratio']:.3f} (paired {run['paired_cpu_ratio']:.3f}) | "
+                    f"peak ratio {run['peak_ratio']:.9f} ({run['peak_diff_bytes']:+.0f} B of {run['peak_mib']['megatron']:.1f} MiB; "
+                    f"reports {rank0['report_bytes']['megatron']} vs {rank0['report_bytes'][ours]} B) "
+                    f"| {rank0['path']} | L check {rank0['check_rel_err']:.0e}",
+                    flush=True,
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -242,6 +242,41 @@ def test_reports_match_direct_formulas():
         assert math.isclose(got[key], float(value), rel_tol=1e-6), key
 
 
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("mode", ["weight_sum", "sample_count", "token_count"])
+def test_objective_report_is_one_fp32_pair_of_the_objective(mode, zero):
+    """report="objective": only `weighted loss`, fp32 [2] (Megatron's stock report size), whose
+    reduction over micro-batches and CP ranks is L = sum w l / Z, like the full report's."""
+    mbs = [_micro_batch(s) for s in (11, 12)]
+    if zero:
+        for mb in mbs:
+            mb["loss_mask"].zero_(), mb["loss_weights"].zero_(), mb["num_samples"].zero_()
+    g = torch.Generator().manual_seed(4)
+    losses = [torch.rand(mb["loss_mask"].shape, generator=g) * 3 for mb in mbs]
+    l = torch.cat([x.reshape(-1) for x in losses] * 2).double()
+    w = torch.cat([mb["loss_weights"].reshape(-1) for mb in mbs] * 2).double()
+    mask = torch.cat([mb["loss_mask"].reshape(-1) for mb in mbs] * 2)
+    samples = int(sum(mb["num_samples"].sum() for mb in mbs))  # counted once: on CP rank 0
+    # two CP ranks holding the same micro-batches; stats = what the all-reduce over them gives
+    stats = GlobalBatchStats(weight_sum=float(w.sum()), loss_tokens=int((mask > 0).sum()), num_samples=samples)
+    reduced = {}
+    for level in ("full", "objective"):
+        reports = []
+        for cp_rank in (0, 1):
+            settings = _settings(mode, False, m=2, d=2, cp_rank=cp_rank, report=level)
+            reports += [make_loss_func(mb, stats, settings)(l)[2] for mb, l in zip(mbs, losses)]
+        if level == "objective":
+            assert all(list(r) == ["weighted loss"] for r in reports)
+            assert all(r["weighted loss"].dtype == torch.float32 and r["weighted loss"].numel() == 2 for r in reports)
+        reduced[level] = reduce_reports(reports, None)["weighted loss"]
+    z = {"weight_sum": float(w.sum()), "token_count": float((mask > 0).sum()), "sample_count": float(samples)}[mode]
+    expected = 0.0 if zero else float((w * l).sum()) / z
+    assert math.isclose(reduced["full"], expected, rel_tol=1e-6, abs_tol=0.0)
+    assert math.isclose(reduced["objective"], expected, rel_tol=1e-5, abs_tol=0.0)
+    with pytest.raises(ConfigError, match="report must be one of"):
+        _settings(mode, False, report="tasks")
+
+
 def test_report_keys_leave_out_absent_tasks():
     mb = _micro_batch(9)
     mb["task_ids"].fill_(1)

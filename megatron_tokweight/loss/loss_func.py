@@ -34,7 +34,7 @@ from megatron_tokweight.errors import ConfigError, DataFormatError
 from megatron_tokweight.loss import checks
 from megatron_tokweight.loss.cross_entropy import apply_token_weights
 from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, count_loss_tokens, global_batch_stats
-from megatron_tokweight.loss.reporting import micro_batch_report
+from megatron_tokweight.loss.reporting import REPORT_LEVELS, micro_batch_report
 
 LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -49,6 +49,10 @@ class LossSettings:
     calculate_per_token_loss: the value in Megatron's model config.
     cp_rank: this rank's index in its context-parallel group (samples count on CP rank 0).
     task_names, dataset_names: names for the per-task / per-dataset reports (index = id).
+    report: "full" (float64 `lm loss`, `weighted loss` and the per-task / per-dataset keys of
+        `reporting`) or "objective" (only `weighted loss`, the training objective L, as one fp32
+        [sum, count] pair like Megatron's stock `lm loss`: no per-token float64 buffer, no
+        per-group sums; for runs that log nothing else).
     """
 
     normalization: Union[Normalization, str]
@@ -58,9 +62,12 @@ class LossSettings:
     cp_rank: int = 0
     task_names: Tuple[str, ...] = field(default=())
     dataset_names: Tuple[str, ...] = field(default=())
+    report: str = "full"
 
     def __post_init__(self):
         object.__setattr__(self, "normalization", Normalization.parse(self.normalization))
+        if self.report not in REPORT_LEVELS:
+            raise ConfigError(f"LossSettings.report must be one of {REPORT_LEVELS}, got {self.report!r}")
         for name in ("num_microbatches", "dp_cp_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -110,7 +117,7 @@ def weighted_loss_func(
     else:
         scale = settings.num_microbatches * settings.dp_cp_size / z
         loss = weighted_sum * (num_tokens.clamp(min=1).to(weighted_sum.dtype) * scale)
-    report = micro_batch_report(output_tensor, weighted, micro_batch, stats, settings)
+    report = micro_batch_report(output_tensor, weighted, micro_batch, stats, settings, weighted_sum)
     return loss, num_tokens, report
 
 

@@ -22,13 +22,18 @@ Every denominator is non-zero after the reduction: a task or dataset key is pres
 the global batch (known before the step from `GlobalBatchStats`, so every rank and micro-batch
 has the same keys) gives it a non-zero denominator, and `weighted loss` with Z = 0 is reported as
 [0, 1 / (M D)], i.e. 0, the defined loss. Nothing turns into NaN.
+
+`LossSettings.report = "objective"` keeps only `weighted loss`, as one fp32 pair (the size and
+dtype of Megatron's stock `lm loss` report): no [4, tokens] float64 buffer and no group sums.
 """
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from megatron_tokweight.errors import DataFormatError
 from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, token_group_ids
+
+REPORT_LEVELS = ("full", "objective")
 
 # rows of the report's float64 token columns and of the per-group sums
 _L, _WL, _W, _N = range(4)
@@ -84,41 +89,55 @@ def _group_keys(prefix: str, names: Sequence[str], tokens, weight, total_weight:
     return keep
 
 
+def _objective_row(weighted_sum, micro_batch, stats: GlobalBatchStats, settings, inv_contributors, local_weight, count):
+    """The `weighted loss` pair [sum w l, this micro-batch's share of Z], or [0, 1 / (M D)] when
+    Z = 0 (the defined zero loss). `local_weight` and `count` are called only if the mode needs
+    them; everything is in the dtype of `inv_contributors`."""
+    if stats.normalizer(settings.normalization) == 0:
+        return [torch.zeros_like(inv_contributors), inv_contributors]
+    mode = settings.normalization
+    if mode is Normalization.WEIGHT_SUM:
+        share = local_weight()
+    elif mode is Normalization.TOKEN_COUNT:
+        share = count()
+    elif settings.cp_rank == 0:
+        share = micro_batch["num_samples"].to(inv_contributors.dtype).sum().to(inv_contributors.device)
+    else:  # samples are counted on CP rank 0 only (normalizer.py)
+        share = torch.zeros_like(inv_contributors)
+    return [weighted_sum.to(inv_contributors.dtype), share]
+
+
 def micro_batch_report(
     per_token_loss: torch.Tensor,
     weighted_loss: torch.Tensor,
     micro_batch: Mapping[str, torch.Tensor],
     stats: GlobalBatchStats,
     settings,
+    weighted_sum: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """This micro-batch's report (keys in the module docstring); `settings` is a `LossSettings`.
 
-    `per_token_loss` l and `weighted_loss` w * l have the shape of `loss_mask`. No collective,
-    no host sync; the values are the rows of one [keys, 2] float64 tensor.
+    `per_token_loss` l and `weighted_loss` w * l have the shape of `loss_mask`; `weighted_sum`,
+    if given, is `weighted_loss.sum()` already computed by the caller. No collective, no host
+    sync; the values are the rows of one [keys, 2] tensor.
     """
     mask = micro_batch["loss_mask"]
     weights = micro_batch["loss_weights"]
+    dtype = torch.float32 if settings.report == "objective" else torch.float64
     with torch.no_grad():
-        inv_contributors = torch.full((), 1.0 / (settings.num_microbatches * settings.dp_cp_size), dtype=torch.float64, device=mask.device)
+        inv_contributors = torch.full((), 1.0 / (settings.num_microbatches * settings.dp_cp_size), dtype=dtype, device=mask.device)
+        if settings.report == "objective":
+            # weights are 0 off the loss mask (checked by the normalizer), so their sum is the loss tokens' weight
+            weighted_sum = weighted_loss.detach().sum() if weighted_sum is None else weighted_sum.detach()
+            row = _objective_row(weighted_sum, micro_batch, stats, settings, inv_contributors,
+                                 lambda: weights.sum(dtype=dtype), lambda: torch.count_nonzero(mask).to(dtype))
+            return {"weighted loss": torch.stack(row)}
         selected = mask != 0
         columns = _token_columns(per_token_loss.detach(), weighted_loss.detach(), mask, weights, selected)
         count = selected.sum().double()
         local_weight = columns[_W].sum()
-
-        z = stats.normalizer(settings.normalization)
-        if z == 0:  # the defined zero loss: [0, 1 / (M D)]
-            weighted_row = [torch.zeros_like(inv_contributors), inv_contributors]
-        else:
-            mode = settings.normalization
-            if mode is Normalization.WEIGHT_SUM:
-                share = local_weight
-            elif mode is Normalization.TOKEN_COUNT:
-                share = count
-            elif settings.cp_rank == 0:
-                share = micro_batch["num_samples"].double().sum().to(mask.device)
-            else:  # samples are counted on CP rank 0 only (normalizer.py)
-                share = torch.zeros_like(inv_contributors)
-            weighted_row = [columns[_WL].sum(), share]
+        weighted_row = _objective_row(columns[_WL].sum(), micro_batch, stats, settings, inv_contributors,
+                                      lambda: local_weight, lambda: count)
         blocks = [torch.stack([columns[_L].sum(), count, *weighted_row]).reshape(2, 2)]
         keys = [(0, "lm loss"), (1, "weighted loss")]
 
