@@ -2,7 +2,11 @@
 
 Layout under `save_dir`:
 
-    step_0000050/meta.json        step, consumed rows, world layout, the run's config identity
+    step_0000050/meta.json        step, consumed rows, world layout, the run's config identity,
+                                  and what the weights mean: `vocab_size` (the data's, before
+                                  padding), `tokenizer` (the spec the data was prepared with: byte,
+                                  or a tokenizer.json path and its sha256) and `model_config` (every
+                                  ModelConfig field), so a scorer can check it fits a dataset
     step_0000050/rank000.pt       this rank's model state_dict (its TP shard), optimizer state,
                                   torch / numpy / python RNG states
     latest                        the name of the newest complete step directory
@@ -38,6 +42,33 @@ class CheckpointMeta:
     world_size: int
     identity: Dict[str, Any]  # the config fields a resumed run must repeat exactly
     path: str
+    vocab_size: Optional[int] = None  # None: written before these fields were recorded
+    tokenizer: Optional[Dict[str, Any]] = None
+    model_config: Optional[Dict[str, Any]] = None
+
+
+# the fields `model_info` records next to the identity
+MODEL_FIELDS = ("vocab_size", "tokenizer", "model_config")
+
+
+def model_info(vocab_size: int, tokenizer: Optional[Dict[str, Any]], model_config) -> Dict[str, Any]:
+    """What `save` records about the model: the data's vocabulary size, its tokenizer spec and the
+    full model config (a `ModelConfig` or its dict)."""
+    from dataclasses import asdict, is_dataclass
+
+    config = asdict(model_config) if is_dataclass(model_config) else dict(model_config)
+    return {"vocab_size": int(vocab_size), "tokenizer": None if tokenizer is None else dict(tokenizer),
+            "model_config": json.loads(json.dumps(config))}
+
+
+def tokenizer_differences(a: Dict[str, Any], b: Dict[str, Any], names=("checkpoint", "data")) -> list:
+    """"field: NAME_A value, NAME_B value" for each tokenizer spec field that differs, the file
+    `path` aside (the same tokenizer.json copied elsewhere is the same tokenizer: `sha256` decides)."""
+    diffs = []
+    for key in sorted((set(a) | set(b)) - {"path"}):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {names[0]} {a.get(key, '<absent>')!r}, {names[1]} {b.get(key, '<absent>')!r}")
+    return diffs
 
 
 def rng_state() -> Dict[str, Any]:
@@ -57,8 +88,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save(save_dir: str, step: int, consumed_rows: int, identity: Dict[str, Any], model, optimizer,
-         rank: int, world_size: int, group=None) -> str:
-    """Every rank calls this (collective over `group`, default the world); returns the step dir."""
+         rank: int, world_size: int, group=None, model_info: Optional[Dict[str, Any]] = None) -> str:
+    """Every rank calls this (collective over `group`, default the world); returns the step dir.
+
+    model_info: `model_info(...)`'s fields for meta.json (recommended: scorers check them)."""
     import torch
     import torch.distributed as dist
 
@@ -79,7 +112,7 @@ def save(save_dir: str, step: int, consumed_rows: int, identity: Dict[str, Any],
     dist.barrier(group=group)
     if rank == 0:
         meta = {"step": step, "consumed_rows": consumed_rows, "world_size": world_size,
-                "identity": identity}
+                "identity": identity, **(model_info or {})}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
         shutil.rmtree(final, ignore_errors=True)
@@ -103,9 +136,19 @@ def find_latest(save_dir: str) -> Optional[CheckpointMeta]:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise ConfigError(f"{latest} names {name}, but {meta_path} does not exist; the checkpoint is incomplete")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return CheckpointMeta(meta["step"], meta["consumed_rows"], meta["world_size"], meta["identity"], path)
+    return read_meta(path)
+
+
+def read_meta(step_dir: str) -> CheckpointMeta:
+    """The `meta.json` of one step directory."""
+    meta_path = os.path.join(step_dir, META)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return CheckpointMeta(meta["step"], meta["consumed_rows"], meta["world_size"], meta["identity"], step_dir,
+                              **{key: meta.get(key) for key in MODEL_FIELDS})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{meta_path}: not a readable checkpoint meta.json ({err!r})") from None
 
 
 def identity_differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> list:

@@ -5,8 +5,11 @@ The loop, per step (every rank of a TP x DP world of gloo processes it spawns it
 1. TP rank 0 of each data-parallel replica reads its micro-batches of packed rows (a
    `PackedDataset` built through Megatron's `BlendedMegatronDatasetBuilder`); `megatron.batch`
    flattens them to THD and broadcasts them over the TP group;
+   with `long_context` (`longcontext.LongContextConfig`), the frozen scorer's weights come with
+   the rows (`longcontext.score_sidecar.attach_scores`), and the unfrozen scorer (or rho1) has
+   the model score the step's micro-batches under no_grad (`longcontext.scorer_online`);
 2. the global normalizer Z is computed before the forward (`loss.LossSettings.global_batch_stats`,
-   one all-reduce over DP);
+   one all-reduce over DP), from the final weights;
 3. `schedule.forward_backward` runs Megatron's loss protocol (the weighted loss function of
    `megatron_tokweight.loss`) and reduces the gradients over DP;
 4. gradient clipping by the global norm (TP-sharded and replicated parameters each counted
@@ -131,13 +134,15 @@ class OptimizerConfig:
 class TrainConfig:
     """A training run. YAML sections `data`, `model` (ModelConfig fields but vocab_size,
     seq_length and the TP size, which come from the data and from `tensor_parallel_size`),
-    `weighting` (a preset name or WeightingConfig fields; null = every target 1.0) and
-    `optimizer`; the other keys are top-level."""
+    `weighting` (a preset name or WeightingConfig fields; null = every target 1.0),
+    `optimizer` and `long_context` (LongContextConfig fields; null = off); the other keys are
+    top-level."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: Dict[str, Any] = field(default_factory=dict)
     weighting: Any = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    long_context: Any = None
     steps: int = 100
     micro_batch_size: int = 1  # packed rows per micro-batch
     num_micro_batches: int = 4  # per data-parallel rank and step
@@ -172,6 +177,7 @@ class TrainConfig:
         reject_unknown_keys(self.model, known, "model")
         self.model = dict(self.model)
         self.weighting = _weighting(self.weighting)
+        self.long_context = _long_context(self.long_context, self.data.seq_length)
         for name in ("steps", "micro_batch_size", "num_micro_batches", "tensor_parallel_size",
                      "data_parallel_size", "log_interval"):
             _positive_int(getattr(self, name), name)
@@ -205,6 +211,10 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
         out["weighting"] = None if self.weighting is None else self.weighting.to_dict()
+        if self.long_context is None:
+            del out["long_context"]  # so runs without it keep their identity (and checkpoints)
+        else:
+            out["long_context"] = self.long_context.to_dict()
         return out
 
     def identity(self) -> Dict[str, Any]:
@@ -272,6 +282,19 @@ def _weighting(value):
     raise ConfigError(f"weighting must be null, a preset name or a mapping of weighting fields, got {value!r}")
 
 
+def _long_context(value, seq_length: int):
+    from megatron_tokweight.longcontext import LongContextConfig
+
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        value = LongContextConfig.from_dict(value)
+    if not isinstance(value, LongContextConfig):
+        raise ConfigError(f"long_context must be null or a mapping of long-context fields, got {value!r}")
+    value.check_sequence_length(seq_length)
+    return value
+
+
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> None:
     """Apply "dotted.key=value" overrides in place (values parsed as YAML scalars/lists)."""
     import yaml
@@ -309,6 +332,7 @@ class RunPlan:
     task_tables: List[List[int]]  # per training prefix: its task id -> global task id
     eval_task_names: List[List[str]]
     resume_step: int = 0
+    tokenizer: Optional[Dict[str, Any]] = None  # the training prefixes' tokenizer spec (checkpoint meta)
 
 
 def _require_prefix(prefix: str, where: str) -> None:
@@ -348,6 +372,10 @@ def build_datasets(config: TrainConfig, is_built_on_rank: Callable[[], bool] = l
     train_config = dataset_config(config, config.data.prefixes, config.data.weights, config.weighting)
     # only the train split is used (split "100,0,0"); 0 rows, not None, for the others when blended
     train = BlendedMegatronDatasetBuilder(PackedDataset, [rows, 0, 0], is_built_on_rank, train_config).build()[0]
+    if config.long_context is not None and config.long_context.reads_scores:
+        from megatron_tokweight.longcontext.score_sidecar import attach_scores
+
+        train = attach_scores(train, config.long_context)  # the frozen scores of every prefix
     evals = []
     for prefix in config.data.eval_prefixes:
         # held-out loss is the plain per-task mean: no weighting
@@ -376,6 +404,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise ConfigError(f"the prefixes were prepared with different vocabularies ({sorted(vocab_sizes)})")
     vocab_size = vocab_sizes.pop()
     config.model_config(vocab_size)  # TP vs heads / padded vocab, shapes
+    tokenizer = training_tokenizer(config.data.prefixes, sidecars)
 
     seq = config.data.seq_length
     for prefix, side in zip(config.data.prefixes + config.data.eval_prefixes, sidecars + eval_sidecars):
@@ -410,7 +439,24 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if meta is not None:
             checkpoint.check_compatible(meta, config.identity(), config.world_size)
             resume_step = meta.step
-    return RunPlan(config, vocab_size, task_names, tables, [list(s.task_names) for s in eval_sidecars], resume_step)
+    return RunPlan(config, vocab_size, task_names, tables, [list(s.task_names) for s in eval_sidecars], resume_step,
+                   tokenizer)
+
+
+def training_tokenizer(prefixes, sidecars) -> Dict[str, Any]:
+    """The tokenizer spec the training prefixes share (their `path` aside: a copied tokenizer.json
+    with the same contents is the same tokenizer); ConfigError naming the field otherwise."""
+    from megatron_tokweight.checkpoint import tokenizer_differences
+
+    first = sidecars[0].tokenizer
+    for prefix, side in zip(prefixes[1:], sidecars[1:]):
+        diffs = tokenizer_differences(first, side.tokenizer)
+        if diffs:
+            raise ConfigError(
+                f"data.prefixes: {prefixes[0]} and {prefix} were prepared with different tokenizers "
+                f"({'; '.join(diffs)}); prepare them with one tokenizer"
+            )
+    return dict(first)
 
 
 # ----------------------------------------------------------------------------- on every rank
@@ -581,9 +627,10 @@ class StepRecord:
     step: int  # 1-based: steps done
     lr: float
     grad_norm: float
-    seconds: float  # wall time of the step (data, forward, backward, optimizer)
+    seconds: float  # wall time of the step (data, scoring, forward, backward, optimizer)
     real_tokens: int  # non-padding tokens of the global batch
     reports: Dict[str, float]  # reduce_reports of the step
+    scoring_seconds: float = 0.0  # of `seconds`: the long-context scorer (unfrozen / rho1)
 
 
 @dataclass
@@ -607,13 +654,18 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
     import torch
 
     from megatron_tokweight import checkpoint
+    from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.loss import LossSettings, reduce_reports
     from megatron_tokweight.model import build_gpt_model
     from megatron_tokweight.schedule import forward_backward
 
     config = plan.config
     torch.manual_seed(config.seed)  # the same full weights on every rank; each TP rank keeps its shard
-    model = build_gpt_model(config.model_config(plan.vocab_size), tp_group=groups.tp)
+    model_config = config.model_config(plan.vocab_size)
+    model = build_gpt_model(model_config, tp_group=groups.tp)
+    model_info = checkpoint.model_info(plan.vocab_size, plan.tokenizer, model_config)
+    # unfrozen / rho1: the model scores each step's micro-batches (every TP rank: collective)
+    scorer = step_scorer(config.long_context, groups.tp, config.data.seq_length)
     # TP ranks of one replica share dropout masks on replicated activations, as in Megatron
     torch.manual_seed(config.seed + 1 + groups.dp_rank)
     np.random.seed(config.seed + 1 + groups.dp_rank)
@@ -661,6 +713,12 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = reader.step_micro_batches(step, config.num_micro_batches)
+        scoring_seconds = 0.0
+        if scorer is not None:  # before Z: the scored weights enter the normalizer and the loss
+            t_score = time.perf_counter()
+            scored = scorer.reweight(model, [b for b, _ in micro_batches])
+            micro_batches = [(b, params) for b, (_, params) in zip(scored, micro_batches)]
+            scoring_seconds = time.perf_counter() - t_score
         stats = settings.global_batch_stats([b for b, _ in micro_batches], groups.dp)
         optimizer.zero_grad(set_to_none=True)
         reports, _ = forward_backward(
@@ -676,7 +734,7 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
         reduced = reduce_reports(reports, groups.dp)
         seconds = time.perf_counter() - t0
         tokens = int(round(reduced.pop("real tokens")))
-        record = StepRecord(step + 1, lr, grad_norm, seconds, tokens, reduced)
+        record = StepRecord(step + 1, lr, grad_norm, seconds, tokens, reduced, scoring_seconds)
         result.steps.append(record)
         result.train_seconds += seconds
         result.real_tokens += tokens
@@ -687,7 +745,7 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
             (config.save_interval and done % config.save_interval == 0) or done == last
         ):
             checkpoint.save(config.save_dir, done, done * config.rows_per_step, config.identity(), model,
-                            optimizer, rank, config.world_size)
+                            optimizer, rank, config.world_size, model_info=model_info)
         if eval_sets and ((config.eval_interval and done % config.eval_interval == 0) or done == config.steps):
             run_evals(done)
     return result
@@ -701,6 +759,8 @@ def format_step(record: StepRecord, task_names: Sequence[str]) -> str:
     line = (f"step {record.step:5d} | lm loss {r['lm loss']:.4f} | weighted loss {r['weighted loss']:.4f} "
             f"| lr {record.lr:.2e} | grad norm {record.grad_norm:.3f} "
             f"| {record.real_tokens / record.seconds:,.0f} tok/s")
+    if record.scoring_seconds:
+        line += f" | scoring {100 * record.scoring_seconds / record.seconds:.0f}%"
     tasks = []
     for name in task_names:
         if f"task/{name}/lm loss" in r:

@@ -377,6 +377,9 @@ COMBOS = (  # (calculate_per_token_loss, normalization, path)
     (False, "token_count", "hook"),  # the module-level forward_step as Megatron-LM calls it
 )
 TRACKED = ("embedding.position_embeddings.weight", "decoder.final_layernorm.weight", "embedding.word_embeddings.weight")
+# the unfrozen long-context scorer in the prefetcher (TP = 2: every TP rank reads the step)
+ONLINE_COMBOS = ((False, "weight_sum"), (True, "token_count"))
+LONG_CONTEXT = {"method": "dense", "scorer": "unfrozen", "lambda": 0.5, "n": 8, "stride": 4}
 
 
 def _clone(batch):
@@ -390,6 +393,18 @@ def _case_tp_broadcast(rank):
     it = iter([broadcast_rows()]) if rank == 0 else None
     batch, params = get_batch(it, dist.group.WORLD, None, device="cpu", use_te=False)
     return {"batch": _clone(batch), "params": (params.qkv_format, params.cu_seqlens_q, params.cu_seqlens_q_padded, params.max_seqlen_q)}
+
+
+def _case_tp_rows(rank):
+    """Rank 0's row batches on both TP ranks, then StopIteration on both when rank 0's run out."""
+    from megatron_tokweight.megatron.batch import TensorParallelRows
+
+    source = iter([make_rows(seed=s) for s in (21, 22)]) if rank == 0 else None
+    rows = TensorParallelRows(source, dist.group.WORLD, device="cpu")
+    received = [_clone(next(rows)) for _ in range(2)]
+    with pytest.raises(StopIteration):
+        next(rows)
+    return received
 
 
 def _case_cp(rank):
@@ -427,7 +442,11 @@ def _megatron_batches(dataset, dp_rank, dp_size):
 
 
 def _reference(train, model_config, rank):
-    """Loss and tracked gradients of one process computing sum w*l / Z over the global batch."""
+    """Loss and tracked gradients of one process computing sum w*l / Z over the global batch;
+    under "online" the same with w times the dense long-context weights of the model itself
+    (plain references of tests/test_longcontext_train.py: every piece and window run alone)."""
+    from test_longcontext_train import plain_dense, plain_logprobs
+
     from megatron_tokweight.model import ModelConfig, build_gpt_model, row_logits
 
     torch.manual_seed(5)
@@ -437,16 +456,20 @@ def _reference(train, model_config, rank):
     per_token = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), rows["labels"].t().reshape(-1), reduction="none"
     ).reshape(logits.shape[:2]).t()
-    weighted = (per_token * rows["loss_weights"]).sum()
-    z = {"weight_sum": rows["loss_weights"].double().sum().item(), "token_count": float((rows["loss_mask"] != 0).sum()),
-         "sample_count": float(rows["num_samples"].sum())}
+    short, long = plain_logprobs(model, rows, n=LONG_CONTEXT["n"], stride=LONG_CONTEXT["stride"])
+    online = rows["loss_weights"] * plain_dense(short, long, rows, LONG_CONTEXT["lambda"]).float()
     params = dict(model.named_parameters())
-    reference = {"unweighted": float((per_token * rows["loss_mask"]).sum() / z["token_count"])}
-    for mode, value in z.items():
-        model.zero_grad()
-        loss = weighted / value
-        loss.backward(retain_graph=True)
-        reference[mode] = {"loss": float(loss), **{name: params[name].grad.clone() for name in TRACKED}}
+    tokens = float((rows["loss_mask"] != 0).sum())
+    reference = {"unweighted": float((per_token * rows["loss_mask"]).sum() / tokens), "online": {}}
+    for weights, out in ((rows["loss_weights"], reference), (online, reference["online"])):
+        weighted = (per_token * weights).sum()
+        z = {"weight_sum": weights.double().sum().item(), "token_count": tokens,
+             "sample_count": float(rows["num_samples"].sum())}
+        for mode, value in z.items():
+            model.zero_grad()
+            loss = weighted / value
+            loss.backward(retain_graph=True)
+            out[mode] = {"loss": float(loss), **{name: params[name].grad.clone() for name in TRACKED}}
     return reference
 
 
@@ -469,6 +492,8 @@ def _case_forward_step(rank, prefix, cache):
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator, init_num_microbatches_calculator
 
+    from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.loss import reduce_reports
     from megatron_tokweight.megatron.datasets_provider import build_packed_datasets, packed_dataset_config_from_args
     from megatron_tokweight.megatron.steps import TokweightSteps, steps_from_megatron_args
@@ -494,7 +519,8 @@ def _case_forward_step(rank, prefix, cache):
         named = dict(model.named_parameters())
         m = GLOBAL_ROWS // (MBS * dp_size)
         results = []
-        for per_token_loss, normalization, path in COMBOS:
+        combos = COMBOS + tuple((per_token, mode, "online") for per_token, mode in ONLINE_COMBOS)
+        for per_token_loss, normalization, path in combos:
             args = megatron_args(argv + ["--loss-normalization", normalization, "--check-for-nan-in-loss-and-grad"]
                                  + (["--calculate-per-token-loss"] if per_token_loss else []))
             if path == "args":
@@ -502,6 +528,10 @@ def _case_forward_step(rank, prefix, cache):
             elif path == "explicit":
                 forward_step = TokweightSteps(normalization, per_token_loss, m, tp_group, None, dp_group, device="cpu",
                                               loss_in_model=False).forward_step
+            elif path == "online":
+                scorer = step_scorer(LongContextConfig.from_dict(LONG_CONTEXT), tp_group, 32)
+                forward_step = TokweightSteps(normalization, per_token_loss, m, tp_group, None, dp_group, device="cpu",
+                                              long_context_scorer=scorer).forward_step
             else:
                 forward_step = _hook_with_args(args)
             data = iter(_megatron_batches(train, dp_rank, dp_size)) if tp_rank == 0 else None
@@ -519,6 +549,7 @@ def _case_forward_step(rank, prefix, cache):
 def _hooks_rank(rank, world_size, prefix, cache):
     return {
         "broadcast": _case_tp_broadcast(rank),
+        "tp_rows": _case_tp_rows(rank),
         "cp": _case_cp(rank),
         "prefetch": {layout: _case_prefetcher(rank, layout) for layout in PREFETCH_LAYOUTS},
         "forward": _case_forward_step(rank, prefix, cache),
@@ -563,6 +594,12 @@ def test_hooks_on_two_gloo_ranks(tmp_path):
         assert fmt == "thd" and torch.equal(cu, flat["cu_seqlens"]) and torch.equal(cu_padded, flat["cu_seqlens_padded"])
         assert max_seqlen == int(flat["max_seqlen"])
 
+    # --- every TP rank reads the step (online long-context scoring): rank 0's rows, then the end
+    for rank in range(2):
+        for got, seed in zip(results[rank]["tp_rows"], (21, 22)):
+            want = make_rows(seed=seed)
+            assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
     # --- CP: each rank keeps the reference partition of every per-token key, the rest whole
     for rank in range(2):
         got = results[rank]["cp"]
@@ -595,14 +632,19 @@ def test_hooks_on_two_gloo_ranks(tmp_path):
     # --- forward_step / loss_func through the schedule protocol == the one-process reference
     for rank in range(2):
         reference = results[rank]["forward"]["reference"]
-        # the weighting matters here: the three objectives differ
+        # the weighting matters here: the three objectives differ, and long-context weights change them
         losses = [reference[mode]["loss"] for mode in ("weight_sum", "sample_count", "token_count")]
         assert min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1 :]) > 1e-3 * max(losses)
+        for mode in ("weight_sum", "token_count"):
+            assert abs(reference["online"][mode]["loss"] - reference[mode]["loss"]) > 1e-4 * reference[mode]["loss"]
         for layout in results[rank]["forward"]["layouts"]:
             tp_size, tp_rank = layout["tp_size"], layout["tp_rank"]
-            for (per_token_loss, mode, path), got in zip(COMBOS, layout["results"]):
+            combos = COMBOS + tuple((per_token, mode, "online") for per_token, mode in ONLINE_COMBOS)
+            assert len(layout["results"]) == len(combos)
+            for (per_token_loss, mode, path), got in zip(combos, layout["results"]):
                 where = (tp_size, per_token_loss, mode, path)
-                ref = reference[mode]
+                ref = reference["online" if path == "online" else mode]
+                ref = ref[mode] if path == "online" else ref
                 assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), where
                 assert got["lm loss"] == pytest.approx(reference["unweighted"], rel=1e-5), where
                 for name in TRACKED[:2]:

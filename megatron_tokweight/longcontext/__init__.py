@@ -5,9 +5,11 @@
   logprobs        log p(label) from vocab-parallel logits, reduced over the TP group
   windows         strided short-context windows as a packed (THD) batch
   forward         scoring forwards of a GPT model (no_grad, eval mode)
-  scorer_online   `OnlineScorer`: the trained model scores itself each step (unfrozen)
+  scorer_online   `OnlineScorer`: the trained model scores itself each step (unfrozen);
+                  `step_scorer(config, ...)`: the one a training step runs (unfrozen, rho1) or None
   scorer_offline  `score_dataset`: a checkpoint scores a prepared dataset (frozen)
   score_sidecar   the per-token log-probability files `tokweight score` writes, and row gathering
+                  (`ScoredRows`; `attach_scores` for a dataset or a blend)
   score_cli       `tokweight score`
 """
 from megatron_tokweight.longcontext.config import METHODS, SCORERS, LongContextConfig

@@ -13,10 +13,19 @@ The short context keeps at most `short_context` (n) tokens, computed with window
 
 The weights multiply the sample/token weights already in a row's `loss_weights`; the loss
 normalization mode (weight_sum, sample_count, token_count) is applied afterwards, unchanged.
+
+Where the log-probabilities come from in training:
+  frozen   dense/sparse/longce: both from the score sidecar, weights computed with the rows
+           (`score_sidecar.ScoredRows`); nothing runs at step time
+  unfrozen dense/sparse/longce: both from the trained model before each step (`OnlineScorer`)
+  rho1     (frozen only) the reference's from the sidecar (its full-context `long_logprobs`),
+           the trained model's full-context ones before each step
 """
+import argparse
 import math
+import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from megatron_tokweight.errors import ConfigError
 
@@ -78,6 +87,22 @@ class LongContextConfig:
         for name, value in (("lam", lam), ("kappa", kappa), ("gamma", gamma), ("k", k),
                             ("short_context", n), ("stride", stride)):
             object.__setattr__(self, name, value)
+        if self.method == "rho1" and self.scorer == "unfrozen":
+            raise ConfigError(
+                "long_context.method 'rho1' compares the trained model with a fixed reference model: use "
+                "scorer 'frozen' (the reference's log-probabilities from `tokweight score`; the trained "
+                "model's are computed each step)"
+            )
+
+    @property
+    def reads_scores(self) -> bool:
+        """Whether training reads the score sidecar `tokweight score` wrote (frozen scorer, rho1)."""
+        return self.scorer == "frozen"
+
+    @property
+    def scores_each_step(self) -> bool:
+        """Whether the trained model scores each step's micro-batches (unfrozen scorer, rho1)."""
+        return self.scorer == "unfrozen" or self.method == "rho1"
 
     def check_sequence_length(self, seq_length: int) -> None:
         """Raise unless the short context is shorter than the training sequence length."""
@@ -109,6 +134,76 @@ class LongContextConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Optional["LongContextConfig"]:
+        """From `add_long_context_args`' flags, which override `--long-context-config`'s fields;
+        None when neither the file nor any flag is given (long-context weighting off)."""
+        data = {}
+        path = getattr(args, "long_context_config", None)
+        if path:
+            data = dict(_read_mapping(path))
+        flags = {name: getattr(args, f"long_context_{flag}", None) for flag, name in _FLAG_FIELDS.items()}
+        flags = {name: value for name, value in flags.items() if value is not None}
+        # a flag replaces the file's field, whichever spelling the file used
+        data = {key: value for key, value in data.items() if _ALIASES.get(key, key) not in flags}
+        data.update(flags)
+        if not path and not data:
+            return None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            source = f"{path} and --long-context-* flags" if path else "--long-context-* flags"
+            raise ConfigError(f"{source}: {err}") from None
+
+
+# flag --long-context-X (argparse attribute long_context_X) -> field
+_FLAG_FIELDS = {name: name for name in ("method", "scorer", "kappa", "gamma", "k", "short_context", "stride")}
+_FLAG_FIELDS["lambda"] = "lam"
+
+
+def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the long-context weighting flags (Megatron `extra_args_provider` style); returns the parser.
+
+    Any of them (or the file) turns long-context weighting on; unset fields keep
+    `LongContextConfig`'s defaults."""
+    group = parser.add_argument_group("long-context weighting",
+                                      "Helm et al. 2025 / LongCE / Rho-1 token weights (megatron-tokweight)")
+    group.add_argument("--long-context-config", metavar="FILE", default=None,
+                       help="YAML/JSON mapping of long_context fields (method, scorer, lambda, kappa, gamma, k, "
+                            "short_context, stride); the flags below override it")
+    group.add_argument("--long-context-method", choices=METHODS, default=None,
+                       help="dense | sparse (Helm et al.), longce, rho1 (default dense)")
+    group.add_argument("--long-context-scorer", choices=SCORERS, default=None,
+                       help="frozen: scores from `tokweight score` next to each prefix; unfrozen: the trained "
+                            "model scores each global batch under no_grad before the step (needs PP = CP = 1)")
+    group.add_argument("--long-context-lambda", type=float, default=None, metavar="LAMBDA",
+                       help="dense: uniform share of the weight (default 0.75)")
+    group.add_argument("--long-context-kappa", type=float, default=None, help="sparse: kept fraction (default 0.25)")
+    group.add_argument("--long-context-gamma", type=float, default=None, help="longce: weight cap (default 5)")
+    group.add_argument("--long-context-k", type=float, default=None, help="rho1: kept fraction (default 0.6)")
+    group.add_argument("--long-context-short-context", type=int, default=None, metavar="N",
+                       help="tokens the short context keeps at most (default 8192)")
+    group.add_argument("--long-context-stride", type=int, default=None, metavar="S",
+                       help="short-context window advance, 1..N (default 6144)")
+    return parser
+
+
+def _read_mapping(path) -> Mapping:
+    """A YAML (or JSON, a subset of YAML) file holding one mapping."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--long-context-config {path}: file not found")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of long_context fields, got {type(data).__name__}")
+    return data
 
 
 def _real(value: Any, where: str) -> float:

@@ -1,8 +1,10 @@
 """Scoring forwards: a GPT model's log p(label) on packed rows and on short-context windows.
 
 Both run under no_grad with the model in eval mode (dropout off, so scores are deterministic) and
-restore its training flag afterwards. Logits stay vocab-parallel; `target_logprobs` reduces them
-over `tp_group`, so every TP rank of a group gets the same values.
+restore its training flag afterwards, and the torch (CPU and current CUDA device) RNG states: a
+training step that scores first draws the same dropout masks as one that does not. Inputs are on
+the model's device. Logits stay vocab-parallel; `target_logprobs` reduces them over `tp_group`,
+so every TP rank of a group gets the same values.
 """
 from contextlib import contextmanager
 
@@ -15,12 +17,17 @@ from megatron_tokweight.longcontext.windows import WindowPlan, split_plan
 @contextmanager
 def scoring_mode(model):
     was_training = model.training
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
         model.train(was_training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
 
 
 def stream_logprobs(model, batch: dict, tp_group=None) -> torch.Tensor:
@@ -55,6 +62,7 @@ def window_logprobs(
     with scoring_mode(model):
         for part in split_plan(plan, max_tokens):
             logits = packed_logits(model, part.batch(flat_tokens))[:, 0]  # [T, v/tp]
-            kept = logits[part.score_from]
-            out[part.score_to] = target_logprobs(kept, flat_labels[part.score_to], tp_group)
+            score_from, score_to = part.score_from.to(logits.device), part.score_to.to(out.device)
+            kept = logits[score_from]
+            out[score_to] = target_logprobs(kept, flat_labels[score_to.to(flat_labels.device)], tp_group).to(out.device)
     return out

@@ -226,3 +226,23 @@ class ScoredRows(torch.utils.data.Dataset):
             )
             item["loss_weights"] = apply_weights(item["loss_weights"], weights)
         return item
+
+
+def attach_scores(dataset, config):
+    """`dataset` with its rows carrying the frozen scores of each prefix (`ScoredRows`).
+
+    dataset: a `PackedDataset`, or Megatron's `BlendedDataset` of them (each member is wrapped
+    with its own prefix's scores, in place); None passes through (an empty split). With
+    dense/sparse/longce the rows' `loss_weights` include the long-context weights; with rho1
+    they carry the reference's `long_logprobs` for the step-time scorer (`step_scorer`).
+    """
+    if dataset is None:
+        return None
+    weights = None if config.method == "rho1" else config
+    members = getattr(dataset, "datasets", None)
+    if members is None:
+        return ScoredRows(dataset, TokenScores.open(dataset.dataset_path), weights)
+    for i, member in enumerate(members):
+        if not isinstance(member, ScoredRows):
+            members[i] = ScoredRows(member, TokenScores.open(member.dataset_path), weights)
+    return dataset

@@ -9,7 +9,6 @@ Every sample is cut into its training sequences (consecutive chunks of `seq_leng
 Windows of many samples run together as packed THD batches of about `tokens_per_batch` tokens.
 The result goes to a `score_sidecar` directory aligned with the `.bin`.
 """
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -60,6 +59,8 @@ class ScorerCheckpoint:
     seq_length: int  # the positions the model was trained with
     tp_size: int
     train_prefixes: list
+    vocab_size: Optional[int] = None  # recorded by `tokweight train` (None: an older checkpoint)
+    tokenizer: Optional[dict] = None
 
     def rank_file(self, tp_rank: int) -> str:
         from megatron_tokweight.checkpoint import rank_file
@@ -81,16 +82,14 @@ def open_checkpoint(path: str) -> ScorerCheckpoint:
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, checkpoint.LATEST)):
         meta = checkpoint.find_latest(path)
-        step_dir, step, identity = meta.path, meta.step, meta.identity
     elif os.path.isfile(os.path.join(path, checkpoint.META)):
-        with open(os.path.join(path, checkpoint.META)) as f:
-            raw = json.load(f)
-        step_dir, step, identity = path, raw.get("step"), raw.get("identity")
+        meta = checkpoint.read_meta(path)
     else:
         raise ConfigError(
             f"--scorer {path}: not a `tokweight train` checkpoint (no {checkpoint.LATEST} file and no "
             f"{checkpoint.META}); pass the training save_dir or one of its step_* directories"
         )
+    step_dir, step, identity = meta.path, meta.step, meta.identity
     try:
         fields = dict(identity["model"])
         seq_length = int(identity["data"]["seq_length"])
@@ -98,7 +97,7 @@ def open_checkpoint(path: str) -> ScorerCheckpoint:
         prefixes = list(identity["data"].get("prefixes") or [])
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{step_dir}: checkpoint metadata lacks the model/data config ({err!r})") from None
-    ckpt = ScorerCheckpoint(step_dir, step, fields, seq_length, tp_size, prefixes)
+    ckpt = ScorerCheckpoint(step_dir, step, fields, seq_length, tp_size, prefixes, meta.vocab_size, meta.tokenizer)
     for tp_rank in range(tp_size):
         if not os.path.isfile(ckpt.rank_file(tp_rank)):
             raise ConfigError(f"{ckpt.rank_file(tp_rank)} is missing: the checkpoint is incomplete")
@@ -108,25 +107,33 @@ def open_checkpoint(path: str) -> ScorerCheckpoint:
 def check_scorer_matches_data(ckpt: ScorerCheckpoint, prefix: str, tokenizer: dict) -> None:
     """ConfigError when the checkpoint was trained on another vocabulary than PREFIX uses.
 
-    The tokenizer of the training prefixes (when their sidecars are still readable) must equal
-    PREFIX's (its `path` aside); the embedding's padded vocabulary must match in any case."""
+    The checkpoint's recorded `vocab_size` and tokenizer spec (meta.json) must equal PREFIX's (the
+    tokenizer's `path` aside); a checkpoint without them is compared through its training
+    prefixes' sidecars, when still readable. The embedding's padded vocabulary must match in any
+    case."""
     import torch
 
+    from megatron_tokweight.checkpoint import tokenizer_differences
     from megatron_tokweight.sidecar import read_sidecar, sidecar_dir
 
-    def identity(spec):
-        return {k: v for k, v in spec.items() if k != "path"}
-
-    for train_prefix in ckpt.train_prefixes:
-        if os.path.isdir(sidecar_dir(train_prefix)):
-            trained = read_sidecar(train_prefix).tokenizer
-            if identity(trained) != identity(tokenizer):
-                raise ConfigError(
-                    f"the scorer {ckpt.path} was trained on {train_prefix} ({trained.get('kind')} tokenizer, "
-                    f"vocab_size {trained.get('vocab_size')}) but {prefix} uses a {tokenizer.get('kind')} "
-                    f"tokenizer with vocab_size {tokenizer.get('vocab_size')}: prepare the data with the "
-                    "scorer's tokenizer"
-                )
+    fix = "prepare the data with the scorer's tokenizer, or score with a checkpoint trained on this one"
+    if ckpt.vocab_size is not None and ckpt.vocab_size != tokenizer.get("vocab_size"):
+        raise ConfigError(
+            f"the scorer checkpoint {ckpt.path} does not match {prefix}: vocab_size: checkpoint "
+            f"{ckpt.vocab_size}, data {tokenizer.get('vocab_size')}; {fix}"
+        )
+    if ckpt.tokenizer is not None:
+        recorded = [("the checkpoint's meta.json", ckpt.tokenizer)]
+    else:
+        recorded = [(f"its training data {p}", read_sidecar(p).tokenizer)
+                    for p in ckpt.train_prefixes if os.path.isdir(sidecar_dir(p))]
+    for where, trained in recorded:
+        diffs = tokenizer_differences(trained, tokenizer)
+        if diffs:
+            raise ConfigError(
+                f"the scorer checkpoint {ckpt.path} does not match {prefix}: its tokenizer (from {where}) "
+                f"differs in tokenizer.{'; tokenizer.'.join(diffs)}; {fix}"
+            )
     state = torch.load(ckpt.rank_file(0), map_location="cpu", weights_only=False)["model"]
     shard = state.get("embedding.word_embeddings.weight")
     if shard is None:

@@ -51,14 +51,17 @@ class WindowPlan:
         return int(self.cu_seqlens.numel()) - 1
 
     def batch(self, flat_tokens: torch.Tensor) -> dict:
-        """The windows as a flattened THD micro-batch (`model.packed_logits` input)."""
+        """The windows as a flattened THD micro-batch (`model.packed_logits` input), on the
+        device of `flat_tokens` (the plan itself is built on the host)."""
         total = self.num_tokens
         lengths = self.cu_seqlens.diff()
+        device = flat_tokens.device
+        cu = self.cu_seqlens.to(device)
         return {
-            "tokens": flat_tokens.reshape(-1)[self.token_index].reshape(1, total),
-            "position_ids": self.position_ids.reshape(1, total),
-            "cu_seqlens": self.cu_seqlens,
-            "cu_seqlens_padded": self.cu_seqlens,
+            "tokens": flat_tokens.reshape(-1)[self.token_index.to(device)].reshape(1, total),
+            "position_ids": self.position_ids.to(device).reshape(1, total),
+            "cu_seqlens": cu,
+            "cu_seqlens_padded": cu,
             "num_segments": torch.tensor(self.num_windows),
             "max_seqlen": lengths.max().long() if len(lengths) else torch.tensor(0),
         }

@@ -1,12 +1,12 @@
 """Megatron-LM integration: the hooks `pretrain(...)` takes, for packed, token-weighted training.
 
-- `arguments`: `extra_args_provider(parser)` (weighting and packing flags).
+- `arguments`: `extra_args_provider(parser)` (weighting, long-context and packing flags).
 - `datasets_provider`: `train_valid_test_datasets_provider` (PackedDataset through Megatron-Core's
   `BlendedMegatronDatasetBuilder`), `packed_dataset_config_from_args`.
 - `batch`: `get_batch` (TP broadcast of every key, THD flattening, load-balanced CP slicing,
   `PackedSeqParams(qkv_format="thd")`).
-- `prefetch`: `GlobalBatchPrefetcher` (the step's micro-batches read up front, Z computed with one
-  DP x CP all-reduce, then replayed).
+- `prefetch`: `GlobalBatchPrefetcher` (the step's micro-batches read up front, optionally scored
+  by the unfrozen long-context scorer, Z computed with one DP x CP all-reduce, then replayed).
 - `steps`: `TokweightSteps` (explicit groups) and the Megatron-LM hooks `forward_step` / `loss_func`.
 
 Only `steps_from_megatron_args`, `forward_step` and `train_valid_test_datasets_provider` read

@@ -1,13 +1,16 @@
 """Command-line arguments for Megatron-LM: `extra_args_provider(parser)` for `pretrain(...)`.
 
-Adds the token-weighting flags (`megatron_tokweight.weighting.add_weighting_args`) and the
-packing flags below. Everything else the packed dataset needs comes from Megatron-LM's own
+Adds the token-weighting flags (`megatron_tokweight.weighting.add_weighting_args`), the
+long-context weighting flags (`megatron_tokweight.longcontext.config.add_long_context_args`:
+`--long-context-config FILE` and `--long-context-method/-scorer/-lambda/...`) and the packing
+flags below. Everything else the packed dataset needs comes from Megatron-LM's own
 arguments (`--data-path`/`--split`, `--seq-length`, `--seed`, `--data-cache-path`,
 `--context-parallel-size`, `--micro-batch-size`, `--calculate-per-token-loss`); see
 `datasets_provider.packed_dataset_config_from_args`.
 """
 import argparse
 
+from megatron_tokweight.longcontext.config import add_long_context_args
 from megatron_tokweight.packing import ALGORITHMS, OVERLONG_POLICIES
 from megatron_tokweight.weighting import add_weighting_args
 
@@ -27,7 +30,9 @@ def add_packing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM `pretrain(..., extra_args_provider=extra_args_provider)`: weighting + packing flags."""
+    """Megatron-LM `pretrain(..., extra_args_provider=extra_args_provider)`: weighting, long-context
+    and packing flags."""
     add_weighting_args(parser)
+    add_long_context_args(parser)
     add_packing_args(parser)
     return parser

@@ -102,6 +102,41 @@ def broadcast_batch(
     return out  # rank 0's key order on every rank
 
 
+# key of the marker rank 0 broadcasts when its data iterator ends (`TensorParallelRows`)
+_END_KEY = "__tokweight_end_of_data__"
+
+
+class TensorParallelRows:
+    """Rank 0's row batches delivered to every rank of `tp_group`, one `broadcast_batch` each.
+
+    For a step that needs the rows on every TP rank before the forward: the unfrozen
+    long-context scorer runs a TP-collective scoring forward over the whole step. Rank 0 passes
+    its data iterator, the others None; every rank iterates in lockstep. When rank 0's iterator
+    ends, an end marker travels instead, and every rank raises StopIteration.
+    """
+
+    def __init__(self, data_iterator: Optional[Iterator], tp_group, device: Optional[torch.device] = None):
+        if _group_rank(tp_group) == 0 and data_iterator is None:
+            raise ValueError("rank 0 of the tensor-parallel group needs a data iterator, got None")
+        self.data_iterator, self.tp_group, self.device = data_iterator, tp_group, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        rows = None
+        if _group_rank(self.tp_group) == 0:
+            try:
+                rows = next(self.data_iterator)
+            except StopIteration:
+                broadcast_batch({_END_KEY: torch.ones(1)}, self.tp_group, self.device)
+                raise
+        rows = broadcast_batch(rows, self.tp_group, self.device)
+        if _END_KEY in rows:
+            raise StopIteration
+        return rows
+
+
 # ----------------------------------------------------------------------------- THD flattening
 
 

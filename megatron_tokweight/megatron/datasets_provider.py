@@ -5,7 +5,10 @@ per-split paths, `--split`, `--seq-length`, `--seed`, `--data-cache-path`,
 `--context-parallel-size`, ...) plus the weighting and packing flags onto a
 `PackedDatasetConfig`; `build_packed_datasets` runs Megatron-Core's
 `BlendedMegatronDatasetBuilder(PackedDataset, ...)`, so blends and splits behave as with
-`GPTDataset`.
+`GPTDataset`. With the frozen long-context scorer (`--long-context-scorer frozen`, the default
+when any `--long-context-*` flag is given) every split's rows carry the scores `tokweight score`
+wrote next to each prefix, and their `loss_weights` the long-context weights
+(`longcontext.score_sidecar.attach_scores`).
 
 The datasets are built on rank 0 of every TP group, on every pipeline stage (Megatron-LM's
 `pretrain_gpt` builds them on the first and last stages only): middle stages need each
@@ -88,13 +91,21 @@ def packed_dataset_config_from_args(args: argparse.Namespace):
     )
 
 
-def build_packed_datasets(config, train_val_test_num_samples: Sequence[Optional[int]], is_built_on_rank: Callable[[], bool] = lambda: True):
-    """(train, valid, test) `PackedDataset`s (or blends of them) through Megatron-Core's builder."""
+def build_packed_datasets(config, train_val_test_num_samples: Sequence[Optional[int]],
+                          is_built_on_rank: Callable[[], bool] = lambda: True, long_context=None):
+    """(train, valid, test) `PackedDataset`s (or blends of them) through Megatron-Core's builder;
+    with a `LongContextConfig` that reads scores (frozen scorer, rho1) each carries them."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
     from megatron_tokweight.packed_dataset import PackedDataset
 
-    return BlendedMegatronDatasetBuilder(PackedDataset, list(train_val_test_num_samples), is_built_on_rank, config).build()
+    datasets = BlendedMegatronDatasetBuilder(
+        PackedDataset, list(train_val_test_num_samples), is_built_on_rank, config).build()
+    if long_context is not None and long_context.reads_scores:
+        from megatron_tokweight.longcontext.score_sidecar import attach_scores
+
+        datasets = [attach_scores(dataset, long_context) for dataset in datasets]
+    return datasets
 
 
 def report_names(config) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
@@ -150,9 +161,13 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     """Megatron-LM hook: `pretrain(train_valid_test_datasets_provider, ...)`."""
     from megatron.training import get_args, print_rank_0
 
-    config = packed_dataset_config_from_args(get_args())
+    from megatron_tokweight.longcontext import LongContextConfig
+
+    args = get_args()
+    config = packed_dataset_config_from_args(args)
     print_rank_0("> building packed, token-weighted train, validation and test datasets ...")
-    datasets = build_packed_datasets(config, train_val_test_num_samples, is_dataset_built_on_rank)
+    datasets = build_packed_datasets(config, train_val_test_num_samples, is_dataset_built_on_rank,
+                                     LongContextConfig.from_args(args))
     print_rank_0("> finished creating packed datasets ...")
     return datasets
 

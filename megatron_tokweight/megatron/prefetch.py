@@ -13,6 +13,12 @@ holds only TP-rank-0 ranks, so the all-reduce never counts a token twice). Every
 same rows; each counts the tokens of its own CP slice (the slice the loss function sees) and only
 CP rank 0 counts samples, as the loss module's rule is.
 
+With the unfrozen long-context scorer (or rho1) the weights depend on the model: the prefetcher
+then runs `scorer.reweight(model, micro_batches)` on the step's micro-batches before the totals
+(`pull(model)` hands it the model). That forward is collective over the TP group, so every TP
+rank runs a prefetcher over the same rows (`batch.TensorParallelRows` broadcasts them, see
+`steps.TokweightSteps`) and computes the same totals over its own DP x CP group.
+
 Megatron's rerun machinery (`RerunDataIterator.rewind`) replays below this wrapper: a re-run step
 pulls the same M micro-batches again and recomputes the same totals.
 """
@@ -75,6 +81,9 @@ class GlobalBatchPrefetcher:
         num_tasks, num_datasets: sizes of the per-task / per-dataset totals (0: none).
         device: where the all-reduce runs (the NCCL device on GPU); the batches stay where the
             loader put them.
+        scorer: an object with `reweight(model, batches) -> batches` (`longcontext.OnlineScorer`)
+            applied to the step's flattened micro-batches before the totals; None: weights come
+            with the data.
 
     Yields the micro-batches flattened to THD streams (`batch.flatten_rows`) with the step's
     totals under `STATS_KEY`. An iterator that ends in the middle of a step raises
@@ -92,6 +101,7 @@ class GlobalBatchPrefetcher:
         num_tasks: int = 0,
         num_datasets: int = 0,
         device: Optional[torch.device] = None,
+        scorer=None,
     ):
         if data_iterator is None:
             raise ValueError("GlobalBatchPrefetcher needs a data iterator (it runs where the data is read)")
@@ -101,6 +111,7 @@ class GlobalBatchPrefetcher:
         self.cp_size, self.cp_rank = cp_size, cp_rank
         self.num_tasks, self.num_datasets = num_tasks, num_datasets
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.scorer = scorer
         self._pending: Deque[Dict[str, torch.Tensor]] = deque()
         self.last_stats: Optional[GlobalBatchStats] = None
         self.steps = 0
@@ -109,8 +120,13 @@ class GlobalBatchPrefetcher:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
+        return self.pull()
+
+    def pull(self, model=None) -> Dict[str, torch.Tensor]:
+        """The next micro-batch; `model` scores the step when a scorer is set (read at the
+        step's first pull)."""
         if not self._pending:
-            self._read_step()
+            self._read_step(model)
         return self._pending.popleft()
 
     def num_microbatches(self) -> int:
@@ -119,7 +135,9 @@ class GlobalBatchPrefetcher:
             raise ValueError(f"num_microbatches must be an integer >= 1, got {m!r}")
         return m
 
-    def _read_step(self) -> None:
+    def _read_step(self, model=None) -> None:
+        if self.scorer is not None and model is None:
+            raise ValueError("the prefetcher's long-context scorer needs the model: call pull(model)")
         m = self.num_microbatches()
         batches = []
         for index in range(m):
@@ -135,6 +153,8 @@ class GlobalBatchPrefetcher:
             if not isinstance(batch, dict):
                 raise DataFormatError(f"the data iterator yielded {type(batch).__name__}, expected a dict of tensors")
             batches.append(flatten_rows(batch))
+        if self.scorer is not None:  # before the totals: the scored weights enter Z
+            batches = self.scorer.reweight(model, batches)
         stats = self.compute_stats(batches)
         encoded = encode_stats(stats, m)
         for batch in batches:

@@ -15,6 +15,12 @@
    (loss, int32 num_tokens, report) scaled so the stock schedule, DDP and `finalize_model_grads`
    produce exactly L = sum w l / Z.
 
+Long-context weighting: the frozen scorer's weights come with the rows (the datasets provider
+wraps them, `longcontext.score_sidecar.attach_scores`); with the unfrozen scorer (or rho1) the
+prefetcher has the model score the step's micro-batches before the totals. That scoring forward
+is collective over TP, so then every TP rank reads the step (rank 0's rows broadcast by
+`batch.TensorParallelRows`) and holds it whole: no per-micro-batch TP broadcast afterwards.
+
 The module-level `forward_step(data_iterator, model, return_schedule_plan=False)` and
 `loss_func(...)` are the Megatron-LM hooks: they build a `TokweightSteps` from Megatron-LM's
 global arguments and parallel state (the only place that reads them).
@@ -27,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_tokweight.errors import ConfigError, DataFormatError
 from megatron_tokweight.loss import LossSettings, Normalization, per_token_cross_entropy, weighted_loss_func
-from megatron_tokweight.megatron.batch import default_device, get_batch
+from megatron_tokweight.megatron.batch import TensorParallelRows, default_device, get_batch
 from megatron_tokweight.megatron.prefetch import STATS_KEY, GlobalBatchPrefetcher, decode_stats
 
 
@@ -58,6 +64,9 @@ class TokweightSteps:
             global TP group, and fused cross-entropy / MTP work as usual). False: the model returns
             logits and `megatron_tokweight.loss.per_token_cross_entropy` runs on `tp_group`
             (no global parallel state needed).
+        long_context_scorer: a `longcontext.OnlineScorer` (e.g. `scorer_online.step_scorer`) run
+            on each step's micro-batches before Z; needs pipeline and context parallel size 1
+            (it scores whole pieces with the whole model). None: weights come with the data.
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class TokweightSteps:
         device: Optional[torch.device] = None,
         use_te: Optional[bool] = None,
         loss_in_model: bool = True,
+        long_context_scorer=None,
     ):
         self.normalization = Normalization.parse(normalization)
         if not isinstance(calculate_per_token_loss, bool):
@@ -85,6 +95,12 @@ class TokweightSteps:
         self.device = default_device() if device is None else torch.device(device)
         self.use_te = use_te
         self.loss_in_model = loss_in_model
+        self.scorer = long_context_scorer
+        if self.scorer is not None and _size(cp_group) > 1:
+            raise ConfigError(
+                "the unfrozen long-context scorer (and rho1) scores whole pieces: use context parallel size 1, "
+                "or the frozen scorer (`tokweight score`)"
+            )
         # one prefetcher per data iterator object (train, and each validation iterator)
         self._prefetchers: Dict[int, Tuple[Iterator, GlobalBatchPrefetcher]] = {}
 
@@ -94,8 +110,13 @@ class TokweightSteps:
             return data_iterator
         entry = self._prefetchers.get(id(data_iterator))
         if entry is None or entry[0] is not data_iterator:
+            source = data_iterator
+            if self.scorer is not None and _size(self.tp_group) > 1:
+                # every TP rank reads the step: the scoring forward is collective over TP
+                source = TensorParallelRows(data_iterator if _rank(self.tp_group) == 0 else None,
+                                            self.tp_group, self.device)
             wrapped = GlobalBatchPrefetcher(
-                data_iterator,
+                source,
                 self.num_microbatches,
                 self.dp_cp_group,
                 cp_size=_size(self.cp_group),
@@ -103,23 +124,30 @@ class TokweightSteps:
                 num_tasks=len(self.task_names),
                 num_datasets=len(self.dataset_names),
                 device=self.device,
+                scorer=self.scorer,
             )
             entry = (data_iterator, wrapped)  # holding the iterator keeps its id unique
             self._prefetchers[id(data_iterator)] = entry
         return entry[1]
 
-    def get_batch(self, data_iterator: Optional[Iterator]):
+    def get_batch(self, data_iterator: Optional[Iterator], model=None):
         """(batch, packed_seq_params, stats, settings) of the next micro-batch on this rank.
 
         `data_iterator` is needed on rank 0 of the TP group only (Megatron-LM passes None on
-        the others).
+        the others). `model` is needed with a long-context scorer (it scores the step).
         """
-        source = None
-        if _rank(self.tp_group) == 0:
-            if data_iterator is None:
+        if self.scorer is not None:  # every TP rank holds the step already (see `prefetcher`)
+            if _rank(self.tp_group) == 0 and data_iterator is None:
                 raise ValueError("rank 0 of the tensor-parallel group needs a data iterator, got None")
-            source = self.prefetcher(data_iterator)
-        batch, params = get_batch(source, self.tp_group, self.cp_group, self.device, self.use_te)
+            source = iter([self.prefetcher(data_iterator).pull(model)])
+            batch, params = get_batch(source, None, self.cp_group, self.device, self.use_te)
+        else:
+            source = None
+            if _rank(self.tp_group) == 0:
+                if data_iterator is None:
+                    raise ValueError("rank 0 of the tensor-parallel group needs a data iterator, got None")
+                source = self.prefetcher(data_iterator)
+            batch, params = get_batch(source, self.tp_group, self.cp_group, self.device, self.use_te)
         if STATS_KEY not in batch:
             raise DataFormatError(
                 f"the micro-batch carries no {STATS_KEY!r}: read it through a GlobalBatchPrefetcher "
@@ -141,7 +169,7 @@ class TokweightSteps:
         """Megatron's `forward_step_func`: (per-token loss [1, T/cp], loss_func)."""
         if return_schedule_plan:
             raise ConfigError("megatron-tokweight does not build MoE schedule plans; unset --overlap-moe-expert-parallel-comm")
-        batch, params, stats, settings = self.get_batch(data_iterator)
+        batch, params, stats, settings = self.get_batch(data_iterator, model)
         # attention_mask None: the THD PackedSeqParams carry the per-sample causal masks
         if self.loss_in_model:
             output_tensor = model(
@@ -187,6 +215,8 @@ def steps_from_megatron_args(args) -> TokweightSteps:
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
+    from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.megatron.datasets_provider import report_names_from_args
     from megatron_tokweight.weighting import WeightingConfig
 
@@ -198,16 +228,24 @@ def steps_from_megatron_args(args) -> TokweightSteps:
             f"stream of micro_batch_size x seq_length tokens, and the pipeline's send/recv shapes assume "
             f"[seq_length, micro_batch_size] (got micro batch size {args.micro_batch_size})"
         )
+    long_context = LongContextConfig.from_args(args)
+    if long_context is not None and long_context.scores_each_step and args.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"--long-context-scorer unfrozen (and rho1) scores with the whole model before each step: use "
+            f"--pipeline-model-parallel-size 1 (got {args.pipeline_model_parallel_size}), or the frozen scorer"
+        )
     task_names, dataset_names = report_names_from_args(args)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     return TokweightSteps(
         normalization=WeightingConfig.from_args(args).normalization,
         calculate_per_token_loss=bool(args.calculate_per_token_loss),
         num_microbatches=get_num_microbatches,
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        tp_group=tp_group,
         cp_group=parallel_state.get_context_parallel_group(),
         dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         task_names=task_names,
         dataset_names=dataset_names,
+        long_context_scorer=step_scorer(long_context, tp_group, args.seq_length),
     )
 
 

@@ -1,0 +1,538 @@
+"""Long-context weighting wired into training: `tokweight train` with `long_context`, the frozen
+scores of `tokweight score`, the checkpoint's recorded vocabulary, the Megatron-LM hooks.
+
+References are independent of the scorers: every piece of a packed row (and every short-context
+window of the formula) runs alone through the model, the log-probabilities come from
+`torch.log_softmax`, the weights from DESIGN.md section 2 in plain Python, and the loss is
+sum w l / Z with Z counted from the rows.
+"""
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_tokweight.errors import ConfigError, DataFormatError
+
+SEQ, N_SHORT, STRIDE, LAM = 64, 8, 4, 0.5
+MODEL = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "init_method_std": 0.1}
+MODES = ("weight_sum", "sample_count", "token_count")
+TOL = 2e-6  # relative, of a step's loss (fp32 training loop vs float64 reference)
+ONLINE = {"method": "dense", "scorer": "unfrozen", "lambda": LAM, "n": N_SHORT, "stride": STRIDE}
+FROZEN = dict(ONLINE, scorer="frozen")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain references
+
+
+def run_alone(model, tokens, positions):
+    """log-softmax [n, V] (float64) of `tokens` run as one sequence of their own."""
+    from megatron_tokweight.model import packed_logits
+
+    n = len(tokens)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    batch = {"tokens": tokens.reshape(1, n), "position_ids": positions.reshape(1, n), "cu_seqlens": cu,
+             "cu_seqlens_padded": cu, "num_segments": torch.tensor(1), "max_seqlen": torch.tensor(n)}
+    with torch.no_grad():
+        return torch.log_softmax(packed_logits(model, batch)[:, 0].double(), -1)
+
+
+def pieces(rows, r):
+    """[begin, end) of every piece of row r (from `cu_seqlens`)."""
+    cu = rows["cu_seqlens"][r, : int(rows["num_segments"][r]) + 1].tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def plain_logprobs(model, rows, n=N_SHORT, stride=STRIDE, short=True):
+    """(short, long) log p(label) [b, L] (float64, 0 off loss tokens) of collated packed rows.
+
+    long: the piece alone; short: position t of a piece starting at b sees tokens [a, t] with
+    a = b + k * stride, k = max(0, ceil((t - b + 1 - n) / stride)) (window k run alone)."""
+    long_lp = torch.zeros(rows["tokens"].shape, dtype=torch.float64)
+    short_lp = torch.zeros_like(long_lp)
+    tokens, positions, labels, mask = rows["tokens"], rows["position_ids"], rows["labels"], rows["loss_mask"]
+    for r in range(tokens.shape[0]):
+        for b, e in pieces(rows, r):
+            loss = [t for t in range(b, e) if mask[r, t] > 0]
+            if not loss:
+                continue
+            full = run_alone(model, tokens[r, b:e], positions[r, b:e])
+            windows = {}
+            for t in loss:
+                long_lp[r, t] = full[t - b, labels[r, t]]
+                windows.setdefault(b + max(0, math.ceil((t - b + 1 - n) / stride)) * stride, []).append(t)
+            for a, kept in windows.items() if short else ():
+                part = run_alone(model, tokens[r, a:min(a + n, e)], positions[r, a:min(a + n, e)])
+                for t in kept:
+                    short_lp[r, t] = part[t - a, labels[r, t]]
+    return short_lp, long_lp
+
+
+def plain_dense(short, long, rows, lam=LAM):
+    """w_t = lam + (1 - lam) * N * s_t / sum s per piece, s = |short - long|; 1 when sum s = 0."""
+    weights = torch.zeros_like(long)
+    for r in range(long.shape[0]):
+        for b, e in pieces(rows, r):
+            loss = [t for t in range(b, e) if rows["loss_mask"][r, t] > 0]
+            s = [abs(float(short[r, t] - long[r, t])) for t in loss]
+            total = sum(s)
+            for t, s_t in zip(loss, s):
+                weights[r, t] = lam + (1 - lam) * len(loss) * s_t / total if total > 0 else 1.0
+    return weights
+
+
+def plain_top(values, rows, fraction):
+    """1 on the top ceil(fraction * N) values of each piece (ties: earlier first), else 0."""
+    keep = torch.zeros_like(values)
+    for r in range(values.shape[0]):
+        for b, e in pieces(rows, r):
+            loss = [t for t in range(b, e) if rows["loss_mask"][r, t] > 0]
+            order = sorted(loss, key=lambda t: (-float(values[r, t]), t))
+            for t in order[: max(1, math.ceil(fraction * len(loss) - 1e-9))]:
+                keep[r, t] = 1.0
+    return keep
+
+
+def plain_loss(long, weights, rows_list, mode):
+    """sum w l / Z over a step's micro-batches; l = -log p(label) with the full context."""
+    weighted = sum(float((w * -lp).sum()) for w, lp in zip(weights, long))
+    z = {"weight_sum": sum(float(w.sum()) for w in weights),
+         "sample_count": sum(int(r["num_samples"].sum()) for r in rows_list),
+         "token_count": sum(int((r["loss_mask"] > 0).sum()) for r in rows_list)}[mode]
+    return weighted / z
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: one in-process gloo rank, a prepared dataset, training runs
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.new_group([dist.get_rank()])
+        return
+    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        yield dist.new_group([0])
+    finally:
+        dist.destroy_process_group()
+
+
+def write_texts(path, count, seed):
+    """Texts of 18..58 characters (samples shorter than SEQ: every piece is a whole sample),
+    words repeated so that a longer context helps."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(3)) for _ in range(6)]
+    with open(path, "w") as f:
+        for _ in range(count):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 15)))[: rng.randint(18, 58)]
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from megatron_tokweight.prepare import prepare_jsonl
+
+    root = tmp_path_factory.mktemp("lc-train")
+    prepare_jsonl(write_texts(root / "train.jsonl", 60, 0), root / "train")
+    return root
+
+
+def train_config(root, mode="weight_sum", long_context=None, steps=2, save=None, seed=5):
+    from megatron_tokweight.train import TrainConfig
+
+    return TrainConfig.from_dict({
+        "data": {"prefixes": [str(root / "train")], "seq_length": SEQ},
+        "model": MODEL,
+        "weighting": {"preset": "molmo2", "normalization": mode},  # c / sqrt(n) sample weights
+        "long_context": long_context,
+        "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 0},
+        "steps": steps, "micro_batch_size": 2, "num_micro_batches": 2, "seed": seed, "log_interval": 100,
+        "save_dir": None if save is None else str(save), "save_interval": 1 if save else 0,
+    })
+
+
+def train(config, group):
+    from megatron_tokweight.train import make_groups, plan_run, train_on_rank
+
+    plan = plan_run(config)
+    return plan, train_on_rank(plan, 0, make_groups(0, 1, 1))
+
+
+def step_rows(root, step):
+    """The collated micro-batches step `step` (0-based) trains on: rows step*4 + m*2 + (0, 1)."""
+    from torch.utils.data import default_collate
+
+    from megatron_tokweight.train import build_datasets
+
+    dataset = build_datasets(train_config(root, steps=3))[0]  # no long_context: the plain rows
+    return [default_collate([dataset[step * 4 + m * 2 + i] for i in range(2)]) for m in range(2)]
+
+
+def load_model(plan, path=None, seed=5):
+    """The run's model: initial (seed) or a checkpoint's parameters."""
+    from megatron_tokweight.model import build_gpt_model
+    from megatron_tokweight.train import make_groups
+
+    torch.manual_seed(seed)
+    model = build_gpt_model(plan.config.model_config(plan.vocab_size), tp_group=make_groups(0, 1, 1).tp)
+    if path is not None:
+        model.load_state_dict(torch.load(os.path.join(path, "rank000.pt"), weights_only=False)["model"])
+    return model
+
+
+@pytest.fixture(scope="module")
+def online_runs(data, group):
+    """2 steps per normalization mode with the unfrozen scorer, a checkpoint after each step."""
+    runs = {}
+    for mode in MODES:
+        save = data / f"online-{mode}"
+        runs[mode] = (*train(train_config(data, mode, ONLINE, save=save), group), save)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# unfrozen: the model scores itself each step
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_online_weights_in_the_loss_equal_an_independent_recomputation(data, online_runs, mode):
+    plan, result, save = online_runs[mode]
+    assert [s.step for s in result.steps] == [1, 2] and all(s.scoring_seconds > 0 for s in result.steps)
+    # step 2 trains with the parameters after step 1: the scorer must use them (not the initial)
+    model = load_model(plan, save / "step_0000001")
+    rows = step_rows(data, 1)
+    scored = [plain_logprobs(model, r) for r in rows]
+    lc = [plain_dense(short, long, r) for (short, long), r in zip(scored, rows)]
+    weights = [r["loss_weights"].double() * w for r, w in zip(rows, lc)]
+    long = [lp for _, lp in scored]
+    expect = plain_loss(long, weights, rows, mode)
+    got = result.steps[1].reports["weighted loss"]
+    assert got == pytest.approx(expect, rel=TOL)
+    # the long-context factor matters here: sample weights alone give another loss
+    sample_only = plain_loss(long, [r["loss_weights"].double() for r in rows], rows, mode)
+    assert abs(sample_only - expect) > 50 * TOL * expect
+    # the unweighted mean is the model's plain cross-entropy on the same tokens
+    tokens = sum(int((r["loss_mask"] > 0).sum()) for r in rows)
+    assert result.steps[1].reports["lm loss"] == pytest.approx(-sum(float(lp.sum()) for lp in long) / tokens, rel=TOL)
+
+
+def test_scoring_leaves_rng_dropout_and_gradients_alone(data, group):
+    """The scorer runs under no_grad in eval mode and restores the RNG: a step with dropout draws
+    the same masks whether it scored first or not."""
+    from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.longcontext.scorer_online import step_scorer
+    from megatron_tokweight.model import ModelConfig, build_gpt_model, packed_token_loss
+    from megatron_tokweight.megatron.batch import flatten_rows
+
+    torch.manual_seed(0)
+    model = build_gpt_model(ModelConfig(vocab_size=262, seq_length=SEQ, hidden_dropout=0.3, attention_dropout=0.3,
+                                        **MODEL), tp_group=group).train()
+    batch = flatten_rows(step_rows(data, 0)[0])
+    scorer = step_scorer(LongContextConfig.from_dict(ONLINE), group, SEQ)
+    packed_token_loss(model, batch).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.manual_seed(1)
+    plain = packed_token_loss(model, batch)
+    torch.manual_seed(1)
+    reweighted = scorer.reweight(model, [batch])[0]
+    assert model.training  # restored
+    after_scoring = packed_token_loss(model, batch)
+    assert torch.equal(plain, after_scoring)  # the same dropout masks
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name  # no gradient from the scoring forwards
+    assert not reweighted["loss_weights"].requires_grad
+    assert reweighted["tokens"] is batch["tokens"] and not torch.equal(reweighted["loss_weights"], batch["loss_weights"])
+
+
+def test_long_context_config_section_and_overrides(data, tmp_path, capsys):
+    import yaml
+
+    from megatron_tokweight.cli import build_parser, main
+    from megatron_tokweight.train import TrainConfig, config_from_args
+
+    raw = {"data": {"prefixes": [str(data / "train")], "seq_length": SEQ}, "model": MODEL, "steps": 1,
+           "long_context": {"method": "sparse", "kappa": 0.5, "n": N_SHORT, "stride": STRIDE}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    def load(*sets):
+        return config_from_args(build_parser("train").parse_args(
+            ["train", "--config", str(path), *sum((["--set", s] for s in sets), [])]))
+
+    config = load("long_context.method=dense", "long_context.lambda=0.25", "long_context.scorer=unfrozen")
+    lc = config.long_context
+    assert (lc.method, lc.lam, lc.kappa, lc.scorer, lc.short_context) == ("dense", 0.25, 0.5, "unfrozen", N_SHORT)
+    assert config.identity()["long_context"]["lam"] == 0.25
+    # a run without the section keeps the identity its checkpoints were written with
+    assert "long_context" not in train_config(data).identity()
+    with pytest.raises(ConfigError, match="long_context: unknown key 'lamda'"):
+        load("long_context.lamda=0.5")
+    with pytest.raises(ConfigError, match="method 'helm_dense' is unknown; use one of dense, sparse, longce, rho1"):
+        load("long_context.method=helm_dense")
+    with pytest.raises(ConfigError, match="short_context=64 must be smaller than the training sequence length 64"):
+        load("long_context.n=64")
+    with pytest.raises(ConfigError, match="rho1' compares the trained model with a fixed reference"):
+        load("long_context.method=rho1", "long_context.scorer=unfrozen")
+    with pytest.raises(ConfigError, match="long_context must be null or a mapping"):
+        load("long_context=dense")
+    # the example config is valid
+    example = TrainConfig.from_file(Path(__file__).resolve().parents[1] / "examples" / "train_longcontext.yaml")
+    assert example.long_context.short_context * 4 == example.data.seq_length
+    # the CLI prints the error and exits 2 (nothing spawned)
+    assert main(["train", "--config", str(path), "--set", "long_context.kapa=1"]) == 2
+    assert "unknown key 'kapa'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen: `tokweight score` with a trained checkpoint, then training reads the sidecar
+
+
+@pytest.fixture(scope="module")
+def scored(data, online_runs, group):
+    """`tokweight score` of the training prefix with the weight_sum run's last checkpoint: its checks
+    and its rank function, in this process (a spawn costs seconds; tests/test_longcontext.py runs
+    the command itself)."""
+    from megatron_tokweight.longcontext.score_cli import _score_rank
+    from megatron_tokweight.longcontext.scorer_offline import check_scorer_matches_data, open_checkpoint
+    from megatron_tokweight.sidecar import read_sidecar
+
+    _, _, save = online_runs["weight_sum"]
+    prefix = str(data / "train")
+    ckpt = open_checkpoint(str(save))
+    tokenizer = read_sidecar(prefix).tokenizer
+    check_scorer_matches_data(ckpt, prefix, tokenizer)
+    _score_rank(0, 1, prefix, ckpt, tokenizer["vocab_size"],
+                dict(short_context=N_SHORT, stride=STRIDE, seq_length=SEQ, out_dir=None, tokens_per_batch=None,
+                     progress=False))
+    return save / "step_0000002"
+
+
+def sidecar_row_values(prefix, rows, name):
+    """Label-aligned sidecar values [b, L] read straight from the .npy: every piece here is a whole
+    sample, so position p of a piece at offset o predicts token p - o + 1 of its sample."""
+    from megatron_tokweight.sidecar import read_sidecar
+
+    values = np.load(os.path.join(f"{prefix}.tokweight", "longcontext", f"{name}.npy"))
+    lengths = np.asarray(read_sidecar(prefix).lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    out = torch.zeros(rows["tokens"].shape, dtype=torch.float64)
+    for r in range(out.shape[0]):
+        for b, e in pieces(rows, r):
+            sample = int(rows["sample_ids"][r, b])
+            if sample < 0:
+                continue
+            assert e - b == lengths[sample]  # a whole sample
+            for p in range(b, e - 1):
+                out[r, p] = float(values[starts[sample] + p - b + 1])
+    return out
+
+
+def test_frozen_scores_are_read_and_weight_the_loss(data, scored, group):
+    from megatron_tokweight.longcontext.scorer_offline import load_scorer, open_checkpoint
+
+    prefix = str(data / "train")
+    plan, result = train(train_config(data, "weight_sum", FROZEN, steps=1), group)
+    assert result.steps[0].scoring_seconds == 0  # nothing scored at step time
+    rows = step_rows(data, 0)
+    short = [sidecar_row_values(prefix, r, "short_logprobs") for r in rows]
+    long_ref = [sidecar_row_values(prefix, r, "long_logprobs") for r in rows]
+    # the sidecar holds the scorer checkpoint's log-probabilities (float16)
+    scorer = load_scorer(open_checkpoint(str(scored)), plan.vocab_size, group, 0)
+    for r, s, l in zip(rows, short, long_ref):
+        want_short, want_long = plain_logprobs(scorer, r)
+        mask = r["loss_mask"] > 0
+        torch.testing.assert_close(s[mask], want_short[mask], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(l[mask], want_long[mask], rtol=2e-3, atol=2e-3)
+    lc = [plain_dense(s, l, r) for s, l, r in zip(short, long_ref, rows)]
+    assert max(float(w[r["loss_mask"] > 0].std()) for w, r in zip(lc, rows)) > 0.1  # far from uniform
+    # the trained model (initial parameters at step 1) gives the per-token losses
+    model = load_model(plan)
+    long = [plain_logprobs(model, r, short=False)[1] for r in rows]
+    weights = [r["loss_weights"].double() * w for r, w in zip(rows, lc)]
+    expect = plain_loss(long, weights, rows, "weight_sum")
+    assert result.steps[0].reports["weighted loss"] == pytest.approx(expect, rel=TOL)
+    sample_only = plain_loss(long, [r["loss_weights"].double() for r in rows], rows, "weight_sum")
+    assert abs(sample_only - expect) > 50 * TOL * expect
+
+
+def test_frozen_rho1_scores_the_trained_model_against_the_sidecar(data, scored, group):
+    prefix = str(data / "train")
+    rho1 = {"method": "rho1", "k": 0.5, "n": N_SHORT, "stride": STRIDE}
+    plan, result = train(train_config(data, "token_count", rho1, steps=1), group)
+    assert result.steps[0].scoring_seconds > 0  # the trained model's log-probabilities, each step
+    rows = step_rows(data, 0)
+    model = load_model(plan)
+    long = [plain_logprobs(model, r, short=False)[1] for r in rows]
+    reference = [sidecar_row_values(prefix, r, "long_logprobs") for r in rows]
+    # excess loss l_model - l_reference = reference log p - model log p; the top half kept
+    keep = [plain_top(ref - lp, r, 0.5) for ref, lp, r in zip(reference, long, rows)]
+    weights = [r["loss_weights"].double() * k for r, k in zip(rows, keep)]
+    expect = plain_loss(long, weights, rows, "token_count")
+    assert result.steps[0].reports["weighted loss"] == pytest.approx(expect, rel=TOL)
+
+
+def test_frozen_errors_before_training(data, scored, tmp_path):
+    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.train import TrainConfig, plan_run
+
+    # scores for another short context than the config asks for
+    with pytest.raises(ConfigError, match=r"scored with short_context, stride = \(8, 4\).*asks for \(16, 4\)"):
+        plan_run(train_config(data, long_context=dict(FROZEN, n=16)))
+    # a prefix nobody scored: named, with the command that fixes it
+    prepare_jsonl(write_texts(tmp_path / "other.jsonl", 20, 1), tmp_path / "other")
+    raw = train_config(data, long_context=FROZEN).to_dict()
+    raw["data"]["prefixes"] = [str(tmp_path / "other")]
+    with pytest.raises(DataFormatError, match="other.tokweight/longcontext/meta.json not found: run `tokweight score"):
+        plan_run(TrainConfig.from_dict(raw))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint meta: vocabulary, tokenizer, model config; the scorer refuses a mismatch
+
+
+def build_hf_tokenizer(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["abc abd abe bcd bce cde"] * 20, trainer=trainer)
+    tok.save(str(path))
+    return str(path)
+
+
+def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(data, scored, tmp_path, capsys):
+    from megatron_tokweight import checkpoint, cli
+    from megatron_tokweight.longcontext.scorer_offline import check_scorer_matches_data, open_checkpoint
+    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.tokenizer import ByteTokenizer
+
+    meta = checkpoint.read_meta(str(scored))
+    assert meta.vocab_size == 262 and meta.tokenizer == ByteTokenizer().spec()
+    assert meta.model_config["vocab_size"] == 262 and meta.model_config["seq_length"] == SEQ
+    assert meta.model_config["hidden_size"] == MODEL["hidden_size"]
+    # data tokenized with another (Hugging Face) tokenizer
+    tok = build_hf_tokenizer(tmp_path / "tokenizer.json", 300)
+    prepare_jsonl(write_texts(tmp_path / "hf.jsonl", 10, 2), tmp_path / "hf", tokenizer=tok)
+    spec = read_sidecar(str(tmp_path / "hf")).tokenizer
+    assert spec["vocab_size"] != 262
+    rc = cli.main(["score", str(tmp_path / "hf"), "--scorer", str(scored), "--short-context", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the scorer checkpoint {scored} does not match {tmp_path / 'hf'}" in err
+    assert f"vocab_size: checkpoint 262, data {spec['vocab_size']}" in err
+    # a tokenizer of the same size is still another tokenizer: the recorded spec tells
+    ckpt = open_checkpoint(str(scored))
+    with pytest.raises(ConfigError, match="tokenizer.kind: checkpoint 'byte', data 'hf'"):
+        check_scorer_matches_data(ckpt, str(tmp_path / "hf"), dict(spec, vocab_size=262))
+    # the same tokenizer.json copied elsewhere is the same tokenizer (the path is not compared)
+    assert checkpoint.tokenizer_differences(spec, dict(spec, path="/elsewhere/tokenizer.json")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM hooks (one rank; TP = 2 runs in tests/test_megatron_hooks.py's spawn)
+
+
+def megatron_args(argv):
+    import argparse
+
+    from megatron_tokweight.megatron.arguments import extra_args_provider
+
+    parser = argparse.ArgumentParser()
+    for flag, kwargs in (("--data-path", dict(nargs="*")), ("--split", dict(default=None)),
+                         ("--seq-length", dict(type=int)), ("--seed", dict(type=int, default=1234)),
+                         ("--micro-batch-size", dict(type=int, default=1)),
+                         ("--pipeline-model-parallel-size", dict(type=int, default=1)),
+                         ("--context-parallel-size", dict(type=int, default=1)),
+                         ("--calculate-per-token-loss", dict(action="store_true")),
+                         ("--check-for-nan-in-loss-and-grad", dict(action="store_true"))):
+        parser.add_argument(flag, **kwargs)
+    return extra_args_provider(parser).parse_args(argv)
+
+
+def test_megatron_long_context_flags(tmp_path):
+    from megatron_tokweight.longcontext import LongContextConfig
+
+    assert LongContextConfig.from_args(megatron_args([])) is None  # off unless asked for
+    path = tmp_path / "lc.yaml"
+    path.write_text("method: sparse\nkappa: 0.5\nlam: 0.3\nn: 16\nstride: 8\n")
+    config = LongContextConfig.from_args(megatron_args(
+        ["--long-context-config", str(path), "--long-context-lambda", "0.9", "--long-context-scorer", "unfrozen"]))
+    assert (config.method, config.kappa, config.lam, config.short_context, config.stride, config.scorer) == (
+        "sparse", 0.5, 0.9, 16, 8, "unfrozen")
+    assert LongContextConfig.from_args(megatron_args(["--long-context-method", "longce"])).gamma == 5.0
+    with pytest.raises(ConfigError, match="--long-context-\\* flags: long_context.stride must lie in"):
+        LongContextConfig.from_args(megatron_args(["--long-context-short-context", "4", "--long-context-stride", "5"]))
+    path.write_text("method: dense\nlamda: 0.3\n")
+    with pytest.raises(ConfigError, match="lc.yaml and --long-context-\\* flags: long_context: unknown key 'lamda'"):
+        LongContextConfig.from_args(megatron_args(["--long-context-config", str(path)]))
+    with pytest.raises(SystemExit):
+        megatron_args(["--long-context-method", "helm"])
+
+
+def test_megatron_frozen_datasets_carry_the_scores(data, scored):
+    from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.longcontext.score_sidecar import ScoredRows, TokenScores
+    from megatron_tokweight.megatron.datasets_provider import build_packed_datasets, packed_dataset_config_from_args
+
+    prefix = str(data / "train")
+    args = megatron_args(["--data-path", "1", prefix, "1", prefix, "--split", "1,0,0", "--seq-length", str(SEQ),
+                          "--long-context-method", "sparse", "--long-context-kappa", "0.5",
+                          "--long-context-short-context", str(N_SHORT), "--long-context-stride", str(STRIDE)])
+    config = packed_dataset_config_from_args(args)
+    lc = LongContextConfig.from_args(args)
+    blend = build_packed_datasets(config, [8, 0, 0], long_context=lc)[0]
+    plain = build_packed_datasets(config, [8, 0, 0])[0]
+    assert all(isinstance(member, ScoredRows) for member in blend.datasets)
+    for i in range(8):
+        got, row = blend[i], plain[i]
+        member = plain.datasets[int(row["dataset_id"])]
+        want = ScoredRows(member, TokenScores.open(prefix), lc)[int(plain.dataset_sample_index[i])]
+        assert torch.equal(got["loss_weights"], want["loss_weights"]) and torch.equal(got["tokens"], row["tokens"])
+        assert not torch.equal(got["loss_weights"], row["loss_weights"])
+
+
+def test_megatron_online_hooks_on_one_rank(data, online_runs, group):
+    """TokweightSteps with the unfrozen scorer through the schedule == the plain reference; the
+    prefetcher scores before Z (weight_sum: the scored weights are Z)."""
+    from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.longcontext.scorer_online import step_scorer
+    from megatron_tokweight.loss import reduce_reports
+    from megatron_tokweight.megatron.steps import TokweightSteps
+    from megatron_tokweight.schedule import ScheduleConfig, forward_backward
+
+    plan, _, save = online_runs["weight_sum"]
+    model = load_model(plan, save / "step_0000002")
+    rows = step_rows(data, 0)
+    for per_token_loss in (False, True):
+        steps = TokweightSteps("weight_sum", per_token_loss, 2, group, None, group, device="cpu",
+                               long_context_scorer=step_scorer(LongContextConfig.from_dict(ONLINE), group, SEQ))
+        reports, _ = forward_backward(steps.forward_step, iter(rows), model, 2, ScheduleConfig(per_token_loss), group)
+        got = reduce_reports(reports, group)["weighted loss"]
+        scored = [plain_logprobs(model, r) for r in rows]
+        weights = [r["loss_weights"].double() * plain_dense(s, l, r) for (s, l), r in zip(scored, rows)]
+        assert got == pytest.approx(plain_loss([l for _, l in scored], weights, rows, "weight_sum"), rel=TOL)
+    with pytest.raises(ValueError, match="needs the model: call pull"):
+        steps.prefetcher(iter(rows)).pull()
+
+
+def test_megatron_online_scorer_refuses_pipeline_parallelism(data):
+    from megatron_tokweight.megatron.steps import steps_from_megatron_args
+
+    args = megatron_args(["--data-path", str(data / "train"), "--seq-length", str(SEQ),
+                          "--pipeline-model-parallel-size", "2", "--long-context-scorer", "unfrozen",
+                          "--long-context-short-context", "8", "--long-context-stride", "4"])
+    # refused from the arguments alone, before any parallel state is read
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 1 \\(got 2\\)"):
+        steps_from_megatron_args(args)
