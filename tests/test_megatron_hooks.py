@@ -278,6 +278,10 @@ def test_args_round_trip_into_the_dataset_config(tmp_path):
     assert (plain.pack_algorithm, plain.overlong, plain.split) == ("bfd", "truncate", "969, 30, 1")
     with pytest.raises(SystemExit):
         megatron_args(["--seq-length", "40", "--pack-algorithm", "worst-fit"])
+    assert megatron_args(["--seq-length", "40"]).loss_report == "full"
+    assert megatron_args(["--seq-length", "40", "--loss-report", "objective"]).loss_report == "objective"
+    with pytest.raises(SystemExit):
+        megatron_args(["--seq-length", "40", "--loss-report", "tasks"])
 
     # the builder gives a blend of packed rows, CP-padded, with dataset ids; report names follow
     # (no --data-cache-path here: Megatron's BlendedDataset cache needs torch.distributed)
@@ -375,6 +379,7 @@ COMBOS = (  # (calculate_per_token_loss, normalization, path)
     (True, "token_count", "args"),
     (True, "sample_count", "explicit"),  # explicit groups, logits + the loss module's cross-entropy
     (False, "token_count", "hook"),  # the module-level forward_step as Megatron-LM calls it
+    (True, "weight_sum", "objective"),  # from args with --loss-report objective: one fp32 pair, the same L
 )
 TRACKED = ("embedding.position_embeddings.weight", "decoder.final_layernorm.weight", "embedding.word_embeddings.weight")
 # the unfrozen long-context scorer in the prefetcher (TP = 2: every TP rank reads the step)
@@ -522,8 +527,9 @@ def _case_forward_step(rank, prefix, cache):
         combos = COMBOS + tuple((per_token, mode, "online") for per_token, mode in ONLINE_COMBOS)
         for per_token_loss, normalization, path in combos:
             args = megatron_args(argv + ["--loss-normalization", normalization, "--check-for-nan-in-loss-and-grad"]
-                                 + (["--calculate-per-token-loss"] if per_token_loss else []))
-            if path == "args":
+                                 + (["--calculate-per-token-loss"] if per_token_loss else [])
+                                 + (["--loss-report", "objective"] if path == "objective" else []))
+            if path in ("args", "objective"):
                 forward_step = steps_from_megatron_args(args).forward_step
             elif path == "explicit":
                 forward_step = TokweightSteps(normalization, per_token_loss, m, tp_group, None, dp_group, device="cpu",
@@ -538,7 +544,7 @@ def _case_forward_step(rank, prefix, cache):
             model.zero_grad()
             reports, _ = forward_backward(forward_step, data, model, m, ScheduleConfig(per_token_loss), dp_group)
             reduced = reduce_reports(reports, dp_group)
-            results.append({"loss": reduced["weighted loss"], "lm loss": reduced["lm loss"],
+            results.append({"loss": reduced["weighted loss"], "lm loss": reduced.get("lm loss"), "keys": sorted(reduced),
                             **{name: named[name].grad.clone() for name in TRACKED}})
         out["layouts"].append({"tp_size": tp_size, "tp_rank": tp_rank, "results": results})
         destroy_num_microbatches_calculator()
@@ -646,7 +652,10 @@ def test_hooks_on_two_gloo_ranks(tmp_path):
                 ref = reference["online" if path == "online" else mode]
                 ref = ref[mode] if path == "online" else ref
                 assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), where
-                assert got["lm loss"] == pytest.approx(reference["unweighted"], rel=1e-5), where
+                if path == "objective":
+                    assert got["keys"] == ["weighted loss"], where
+                else:
+                    assert got["lm loss"] == pytest.approx(reference["unweighted"], rel=1e-5), where
                 for name in TRACKED[:2]:
                     torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{name} {where}")
                 shard = got[TRACKED[2]].shape[0]  # the vocabulary-parallel embedding: this TP rank's rows

@@ -64,6 +64,8 @@ class TokweightSteps:
             global TP group, and fused cross-entropy / MTP work as usual). False: the model returns
             logits and `megatron_tokweight.loss.per_token_cross_entropy` runs on `tp_group`
             (no global parallel state needed).
+        report: `LossSettings.report`: "full" (per-task / per-dataset keys) or "objective" (only
+            `weighted loss`, one fp32 pair, the cost of Megatron's stock report).
         long_context_scorer: a `longcontext.OnlineScorer` (e.g. `scorer_online.step_scorer`) run
             on each step's micro-batches before Z; needs pipeline and context parallel size 1
             (it scores whole pieces with the whole model). None: weights come with the data.
@@ -83,6 +85,7 @@ class TokweightSteps:
         device: Optional[torch.device] = None,
         use_te: Optional[bool] = None,
         loss_in_model: bool = True,
+        report: str = "full",
         long_context_scorer=None,
     ):
         self.normalization = Normalization.parse(normalization)
@@ -95,6 +98,7 @@ class TokweightSteps:
         self.device = default_device() if device is None else torch.device(device)
         self.use_te = use_te
         self.loss_in_model = loss_in_model
+        self.report = report
         self.scorer = long_context_scorer
         if self.scorer is not None and _size(cp_group) > 1:
             raise ConfigError(
@@ -162,6 +166,7 @@ class TokweightSteps:
             cp_rank=_rank(self.cp_group),
             task_names=self.task_names,
             dataset_names=self.dataset_names,
+            report=self.report,
         )
         return batch, params, stats, settings
 
@@ -245,6 +250,7 @@ def steps_from_megatron_args(args) -> TokweightSteps:
         dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         task_names=task_names,
         dataset_names=dataset_names,
+        report=args.loss_report,
         long_context_scorer=step_scorer(long_context, tp_group, args.seq_length),
     )
 
