@@ -3,20 +3,26 @@
 // Indexing only: numpy lengths in; per item bin and offset, per bin fill and the items in row
 // order out. Policy (overlong samples, empty samples) is decided by megatron_tokweight.packing.
 //
-// Every function returns a dict of int64 arrays: per item `bin`, `offset` (item i sits in bin[i]
-// at token offset[i]); per bin `bin_fill` [B] and `bin_start` [B + 1]; and the items in row order
-// (sorted by (bin, offset)): `row_order` [N] with their `row_bin`, `row_offset` and `row_length`,
-// bin b's items being row_order[bin_start[b] : bin_start[b + 1]].
+// Every function returns a dict of arrays in the lengths' dtype (every value fits int32, as n and
+// capacity are <= INT32_MAX, so int32 lengths get int32 arrays and half the memory traffic): per
+// item `bin`, `offset` (item i sits in bin[i] at token offset[i]); per bin `bin_fill` [B] and
+// `bin_start` [B + 1]; and the items in row order (sorted by (bin, offset)): `row_order` [N] with
+// their `row_bin`, `row_offset` and `row_length`, bin b's items being
+// row_order[bin_start[b] : bin_start[b + 1]].
 // Items of length 0 are accepted (they fit anywhere); lengths < 0 or > capacity raise ValueError.
 //
-// The packing loops touch only small structures and arrays read or written in placement order;
-// per-item gathers from the input would cost a cache miss each on 10M-item inputs.
+// Three passes over memory. The decreasing packers work on runs of equal length: a bin takes as
+// many items of a run as fit in one go, so their cost grows with the bins touched per run, not
+// with the items; they write one Segment per bin and run (consecutive steps into one bin), in
+// placement order. One pass in item order reads each item's Segment (a length's segments are
+// consecutive: one stream per distinct length) and writes bin/offset and the item of each step;
+// one pass over the segments writes the row-order arrays (a segment's items take consecutive
+// slots).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -29,34 +35,52 @@ namespace {
 
 constexpr int64_t kMaxCapacity = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxItems = std::numeric_limits<int32_t>::max();  // item and bin ids fit int32
-// Best fit keeps one bucket per remaining capacity (O(capacity) memory); beyond this a row would
+// Best fit keeps one queue per remaining capacity (O(capacity) memory); beyond this a row would
 // hold 16M tokens, far past any real sequence length, so we refuse rather than exhaust memory.
 constexpr int64_t kMaxBestFitCapacity = int64_t(1) << 24;
 
 template <typename T>
 using Lengths = py::array_t<T, py::array::c_style>;
 
-// Where a step's item went; one struct so a gather by step costs one cache line, not two.
-struct Spot {
+// Consecutive placement steps of one run (items of one length `need`) that went into one bin:
+// the items of steps [first, next segment's first) sit at offset + j * need with ranks rank + j
+// (rank: items placed in the bin before; the slot among the bin's items).
+struct Segment {
     int32_t bin;
     int32_t offset;
+    int32_t rank;
+    int32_t first;
 };
 
 struct Packing {
-    std::vector<int64_t> fill;  // tokens per bin
-    int64_t n;                  // items
-    // Per placement step k (uninitialised buffers: every entry is written before it is read).
-    std::unique_ptr<int32_t[]> placement;      // the item placed at step k
-    std::unique_ptr<int32_t[]> placement_len;  // its length
-    std::unique_ptr<Spot[]> spot;              // its bin and offset
-    std::unique_ptr<int32_t[]> position;       // per item: its step (placement[position[i]] == i)
+    int64_t n;
+    // In step order, then an end marker (first = n). Room for one per step, uninitialised: the
+    // pages past the ones used are never touched.
+    std::unique_ptr<Segment[]> segments;
+    int64_t num_segments = 0;
+    std::vector<int32_t> run_segment;  // decreasing orders: per run, its first segment
+    std::vector<int64_t> fill;   // per bin: tokens
+    std::vector<int32_t> count;  // per bin: items
+    // Placement order: counting-sort runs (steps of length capacity - key are
+    // [key_start[key], key_start[key + 1])), or else the item of each step in `placement`, or
+    // else (both empty: next-fit) step k places item k. per_item fills `placement` for the runs.
+    std::vector<int64_t> key_start;
+    std::unique_ptr<int32_t[]> placement;
+    bool has_empty_items = false;  // set by decreasing_order
 
-    explicit Packing(int64_t items)
-        : n(items),
-          placement(new int32_t[items]),
-          placement_len(new int32_t[items]),
-          spot(new Spot[items]),
-          position(new int32_t[items]) {}
+    explicit Packing(int64_t items) : n(items), segments(new Segment[items + 1]) {}
+
+    void add_segment(int32_t bin, int64_t offset, int32_t rank, int64_t first) {
+        segments[num_segments++] = {bin, static_cast<int32_t>(offset), rank,
+                                    static_cast<int32_t>(first)};
+    }
+
+    // Opens a bin; returns its id.
+    int32_t open_bin() {
+        fill.push_back(0);
+        count.push_back(0);
+        return static_cast<int32_t>(fill.size() - 1);
+    }
 };
 
 template <typename T>
@@ -91,32 +115,44 @@ const T* checked_lengths(const Lengths<T>& lengths, int64_t capacity, int64_t ma
 }
 
 // Placement order = items by decreasing length, ties by item index (stable), so results are
-// deterministic. Also fills placement_len.
+// deterministic.
 template <typename T>
 void decreasing_order(const T* len, int64_t n, int64_t capacity, Packing& p) {
     if (capacity <= 4 * n + 4096) {
         // Counting sort on key capacity - length: O(n + capacity) and stable by construction.
-        std::vector<int64_t> start(capacity + 2, 0);  // start[key]: first slot of key's run
-        for (int64_t i = 0; i < n; ++i) ++start[capacity - len[i] + 1];
-        for (int64_t key = 1; key <= capacity + 1; ++key) start[key] += start[key - 1];
-        for (int64_t key = 0; key <= capacity; ++key) {
-            std::fill(p.placement_len.get() + start[key], p.placement_len.get() + start[key + 1],
-                      static_cast<int32_t>(capacity - key));
-        }
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t slot = start[capacity - len[i]]++;
-            p.placement[slot] = static_cast<int32_t>(i);
-            p.position[i] = static_cast<int32_t>(slot);
-        }
+        // Only the run boundaries are kept: per_item walks the items in order and counts off
+        // each key's steps.
+        p.key_start.assign(capacity + 2, 0);
+        for (int64_t i = 0; i < n; ++i) ++p.key_start[capacity - len[i] + 1];
+        p.has_empty_items = p.key_start[capacity + 1] > 0;
+        std::partial_sum(p.key_start.begin(), p.key_start.end(), p.key_start.begin());
     } else {
         // Few items in a huge capacity: a counting array would dominate.
+        p.placement.reset(new int32_t[n]);
         std::iota(p.placement.get(), p.placement.get() + n, int32_t(0));
         std::stable_sort(p.placement.get(), p.placement.get() + n,
                          [len](int32_t a, int32_t b) { return len[a] > len[b]; });
-        for (int64_t k = 0; k < n; ++k) {
-            p.placement_len[k] = static_cast<int32_t>(len[p.placement[k]]);
-            p.position[p.placement[k]] = static_cast<int32_t>(k);
+        p.has_empty_items = n > 0 && len[p.placement[n - 1]] == 0;
+    }
+}
+
+// Calls f(need, count) for each run of equal lengths in placement order.
+template <typename T, typename F>
+void for_each_run(const Packing& p, const T* len, int64_t capacity, F&& f) {
+    if (!p.key_start.empty()) {
+        for (int64_t key = 0; key <= capacity; ++key) {
+            const int64_t count = p.key_start[key + 1] - p.key_start[key];
+            if (count > 0) f(capacity - key, count);
         }
+        return;
+    }
+    const int32_t* placement = p.placement.get();
+    for (int64_t k = 0; k < p.n;) {
+        const int64_t need = placement ? len[placement[k]] : len[k];
+        int64_t end = k + 1;
+        while (end < p.n && (placement ? len[placement[end]] : len[end]) == need) ++end;
+        f(need, end - k);
+        k = end;
     }
 }
 
@@ -178,47 +214,121 @@ class CapacitySet {
     std::vector<std::vector<uint64_t>> levels_;  // levels_[0]: one bit per value
 };
 
-// True best fit: the open bin with the smallest remaining capacity that fits, lowest bin index
-// among equals; a new bin only when none fits.
+// An open bin and the items it holds so far (carried along, so no per-bin array is touched).
+struct OpenBin {
+    int32_t bin;
+    int32_t items;
+};
+
+// The open bins with one remaining capacity, in the order they took their last item (FIFO).
+// Lengths come in decreasing order, so a queue only grows while its room is below the current
+// length and only shrinks once the length is down to its room (a bin with room >= length would
+// be the best fit, so nothing lands in between): a popped front is never followed by a push
+// before the queue empties, and the buffer is simply reset then.
+class BinQueue {
+   public:
+    bool empty() const { return head_ == bins_.size(); }
+    int64_t size() const { return static_cast<int64_t>(bins_.size() - head_); }
+    OpenBin* begin() { return bins_.data() + head_; }
+    const OpenBin* begin() const { return bins_.data() + head_; }
+    const OpenBin* end() const { return bins_.data() + bins_.size(); }
+    void push_back(OpenBin b) { bins_.push_back(b); }
+
+    void pop_front(int64_t m) {
+        head_ += m;
+        if (head_ == bins_.size()) {
+            bins_.clear();
+            head_ = 0;
+        }
+    }
+
+   private:
+    std::vector<OpenBin> bins_;
+    size_t head_ = 0;
+};
+
+// True best fit: the open bin with the smallest remaining capacity that fits; among bins with
+// equal room, the one that took its last item longest ago (FIFO, as in TRL's and OLMo-core's
+// packers); a new bin only when none fits. Bins with equal room are interchangeable for the
+// rows to come, so the tie rule only names bins. Per run of equal lengths `need`:
+// - room best >= 2 need (or a new bin): that bin takes items until less than need is left (no
+//   other bin has room in [need, best), so step by step it would be chosen again each time);
+// - need <= best < 2 need: the bins at the front of best's queue take one item each and move,
+//   in that order, to the back of the queue for best - need;
+// - need == 0: the zero-length items go round the queue of the smallest room (each bin would
+//   take one and move to the back).
 template <typename T>
 Packing best_fit_decreasing(const T* len, int64_t n, int64_t capacity) {
     Packing p(n);
     decreasing_order(len, n, capacity, p);
-    CapacitySet open(capacity + 1);                              // remaining capacities in use
-    std::vector<std::vector<int32_t>> bins_with(capacity + 1);  // min-heaps of bin indices
-    const std::greater<int32_t> min_heap;
-    // Full bins can only take zero-length items, which sort last; keep them only if any exist.
-    const bool keep_full_bins = n > 0 && p.placement_len[n - 1] == 0;
-    int32_t num_bins = 0;
-    for (int64_t k = 0; k < n; ++k) {
-        const int64_t need = p.placement_len[k];
-        const int64_t best = open.successor(need);
-        int32_t b;
-        int64_t room;
-        if (best < 0) {
-            b = num_bins++;
-            room = capacity;
-        } else {
-            auto& heap = bins_with[best];
-            std::pop_heap(heap.begin(), heap.end(), min_heap);
-            b = heap.back();
-            heap.pop_back();
-            if (heap.empty()) open.erase(best);
-            room = best;
-        }
-        p.spot[k] = {b, static_cast<int32_t>(capacity - room)};
-        room -= need;
+    CapacitySet open(capacity + 1);         // remaining capacities that some open bin has
+    std::vector<BinQueue> with(capacity + 1);  // with[room]: the open bins with that room
+    // Full bins can only take zero-length items, which come last; keep them only if any exist.
+    const bool keep_full_bins = p.has_empty_items;
+    int64_t k = 0;  // next placement step
+
+    // A bin that now has `room` left joins the back of its queue, or is done if full.
+    auto requeue = [&](int64_t room, OpenBin b) {
         if (room > 0 || keep_full_bins) {
-            auto& heap = bins_with[room];
-            heap.push_back(b);
-            std::push_heap(heap.begin(), heap.end(), min_heap);
-            if (heap.size() == 1) open.insert(room);
+            BinQueue& queue = with[room];
+            if (queue.empty()) open.insert(room);
+            queue.push_back(b);
+        } else {
+            p.fill[b.bin] = capacity;
+            p.count[b.bin] = b.items;
         }
-    }
-    // A bin in no bucket is full.
-    p.fill.assign(num_bins, capacity);
+    };
+    auto take_front = [&](int64_t room, int64_t m) {
+        with[room].pop_front(m);
+        if (with[room].empty()) open.erase(room);
+    };
+
+    for_each_run(p, len, capacity, [&](int64_t need, int64_t count) {
+        p.run_segment.push_back(static_cast<int32_t>(p.num_segments));
+        while (count > 0) {
+            int64_t best = open.successor(need);
+            if (need == 0 && best >= 0) {
+                // Zero lengths come last: the queue's order afterwards does not matter.
+                BinQueue& queue = with[best];
+                const int64_t size = queue.size();
+                OpenBin* front = queue.begin();
+                for (int64_t j = 0; j < count; ++j) {
+                    OpenBin& b = front[j % size];
+                    p.add_segment(b.bin, capacity - best, b.items++, k++);
+                }
+                count = 0;
+            } else if (best >= 0 && best < 2 * need) {
+                const int64_t m = std::min(count, with[best].size());
+                const int32_t offset = static_cast<int32_t>(capacity - best);
+                for (OpenBin *b = with[best].begin(), *end = b + m; b != end; ++b) {
+                    p.add_segment(b->bin, offset, b->items++, k++);
+                    requeue(best - need, *b);  // another queue: `b` stays valid
+                }
+                take_front(best, m);
+                count -= m;
+            } else {
+                OpenBin b;
+                if (best < 0) {
+                    b = {p.open_bin(), 0};
+                    best = capacity;
+                } else {
+                    b = *with[best].begin();
+                    take_front(best, 1);
+                }
+                const int64_t m = need > 0 ? std::min(count, best / need) : count;
+                p.add_segment(b.bin, capacity - best, b.items, k);
+                b.items += static_cast<int32_t>(m);
+                k += m;
+                requeue(best - m * need, b);
+                count -= m;
+            }
+        }
+    });
     for (int64_t room = 0; room <= capacity; ++room) {
-        for (const int32_t b : bins_with[room]) p.fill[b] = capacity - room;
+        for (const OpenBin& b : with[room]) {
+            p.fill[b.bin] = capacity - room;
+            p.count[b.bin] = b.items;
+        }
     }
     return p;
 }
@@ -263,28 +373,35 @@ class BinTree {
     std::vector<int32_t> tree_;  // int32: capacity <= INT32_MAX, half the cache traffic
 };
 
+// First fit: the lowest bin with room. Per run of equal lengths, that bin takes items until less
+// than `need` is left (every lower bin already has less than need), then the next one.
 template <typename T>
 Packing first_fit_decreasing(const T* len, int64_t n, int64_t capacity) {
     Packing p(n);
     decreasing_order(len, n, capacity, p);
     BinTree tree;
-    int64_t num_bins = 0;
-    for (int64_t k = 0; k < n; ++k) {
-        const int64_t need = p.placement_len[k];
-        int64_t b = tree.leftmost_at_least(need);
-        int64_t room;
-        if (b < 0) {
-            b = num_bins++;
-            if (b == tree.leaf_count()) tree.grow();
-            room = capacity;
-        } else {
-            room = tree.remaining(b);
+    int64_t k = 0;
+    for_each_run(p, len, capacity, [&](int64_t need, int64_t count) {
+        p.run_segment.push_back(static_cast<int32_t>(p.num_segments));
+        while (count > 0) {
+            int64_t b = tree.leftmost_at_least(need);
+            int64_t room;
+            if (b < 0) {
+                b = p.open_bin();
+                if (b == tree.leaf_count()) tree.grow();
+                room = capacity;
+            } else {
+                room = tree.remaining(b);
+            }
+            const int64_t m = need > 0 ? std::min(count, room / need) : count;
+            p.add_segment(static_cast<int32_t>(b), capacity - room, p.count[b], k);
+            p.count[b] += static_cast<int32_t>(m);
+            k += m;
+            tree.set(b, room - m * need);
+            count -= m;
         }
-        p.spot[k] = {static_cast<int32_t>(b), static_cast<int32_t>(capacity - room)};
-        tree.set(b, room - need);
-    }
-    p.fill.resize(num_bins);
-    for (int64_t b = 0; b < num_bins; ++b) p.fill[b] = capacity - tree.remaining(b);
+    });
+    for (size_t b = 0; b < p.fill.size(); ++b) p.fill[b] = capacity - tree.remaining(b);
     return p;
 }
 
@@ -292,57 +409,89 @@ Packing first_fit_decreasing(const T* len, int64_t n, int64_t capacity) {
 template <typename T>
 Packing next_fit(const T* len, int64_t n, int64_t capacity) {
     Packing p(n);
-    std::iota(p.placement.get(), p.placement.get() + n, int32_t(0));
-    std::iota(p.position.get(), p.position.get() + n, int32_t(0));
     int64_t room = -1;  // no bin open yet
+    int32_t b = -1;
     for (int64_t item = 0; item < n; ++item) {
         const int64_t need = len[item];
+        const bool extends = need <= room && item > 0 && len[item - 1] == need;
         if (need > room) {
-            p.fill.push_back(0);
+            b = p.open_bin();
             room = capacity;
         }
-        const int64_t b = static_cast<int64_t>(p.fill.size()) - 1;
-        p.placement_len[item] = static_cast<int32_t>(need);
-        p.spot[item] = {static_cast<int32_t>(b), static_cast<int32_t>(p.fill[b])};
+        // A segment holds items of one length: extend the last one if it is the same bin's.
+        if (!extends) p.add_segment(b, p.fill[b], p.count[b], item);
+        p.count[b]++;
         p.fill[b] += need;
         room -= need;
     }
     return p;
 }
 
-// Per item bin and offset, gathered in item order after the packing loop: sequential writes to
-// the large int64 outputs and independent reads (one cache line each) from the smaller spots.
-void per_item(const Packing& p, int64_t* bin, int64_t* offset) {
-    for (int64_t i = 0; i < p.n; ++i) {
-        const int32_t k = p.position[i];
-        bin[i] = p.spot[k].bin;
-        offset[i] = p.spot[k].offset;
+// Per item bin and offset, in item order (sequential writes); in the decreasing orders also
+// records the item of each step (placement).
+template <typename T>
+void per_item(Packing& p, const T* len, int64_t capacity, T* bin, T* offset) {
+    Segment* seg = p.segments.get();
+    seg[p.num_segments].first = static_cast<int32_t>(p.n);  // end marker
+    if (!p.key_start.empty()) {
+        // Per key: the segment and the step of its next item. The segments of one length are
+        // consecutive, so the reads walk one stream per distinct length.
+        struct Cursor {
+            int32_t segment;
+            int32_t step;
+        };
+        std::vector<Cursor> next(capacity + 1);
+        for (int64_t key = 0, run = 0; key <= capacity; ++key) {
+            if (p.key_start[key + 1] > p.key_start[key]) {
+                next[key] = {p.run_segment[run++], static_cast<int32_t>(p.key_start[key])};
+            }
+        }
+        p.placement.reset(new int32_t[p.n]);
+        int32_t* placement = p.placement.get();
+        for (int64_t i = 0; i < p.n; ++i) {
+            const int64_t need = len[i];
+            Cursor& c = next[capacity - need];
+            const Segment* s = seg + c.segment;
+            bin[i] = s->bin;
+            offset[i] = s->offset + (c.step - s->first) * need;
+            placement[c.step] = static_cast<int32_t>(i);
+            if (++c.step == s[1].first) ++c.segment;
+        }
+    } else {
+        const int32_t* placement = p.placement.get();
+        for (int64_t g = 0; g < p.num_segments; ++g) {
+            for (int64_t k = seg[g].first, j = 0; k < seg[g + 1].first; ++k, ++j) {
+                const int64_t i = placement ? placement[k] : k;
+                bin[i] = seg[g].bin;
+                offset[i] = seg[g].offset + j * len[i];
+            }
+        }
     }
 }
 
-// Items sorted by (bin, offset): a counting sort by bin over the placement order, in which each
-// bin's items already appear by increasing offset. bin_start gets num_bins + 1 entries. Only
-// the item and its length are scattered; bins and offsets then follow in sequential passes.
-void row_order(const Packing& p, int64_t* bin_start, int64_t* order, int64_t* row_bin,
-               int64_t* row_offset, int64_t* row_length) {
-    const int64_t num_bins = static_cast<int64_t>(p.fill.size());
-    std::fill(bin_start, bin_start + num_bins + 1, int64_t(0));
-    for (int64_t k = 0; k < p.n; ++k) ++bin_start[p.spot[k].bin + 1];
-    for (int64_t b = 1; b <= num_bins; ++b) bin_start[b] += bin_start[b - 1];
-    std::vector<int64_t> next(bin_start, bin_start + num_bins);
-    for (int64_t k = 0; k < p.n; ++k) {
-        const int64_t slot = next[p.spot[k].bin]++;
-        order[slot] = p.placement[k];
-        row_length[slot] = p.placement_len[k];
-    }
-    for (int64_t b = 0; b < num_bins; ++b) {
-        int64_t cursor = 0;
-        for (int64_t j = bin_start[b]; j < bin_start[b + 1]; ++j) {
-            row_bin[j] = b;
-            row_offset[j] = cursor;
-            cursor += row_length[j];
+// Items sorted by (bin, offset): a segment's items fill consecutive slots from
+// bin_start[bin] + rank. bin_start gets num_bins + 1 entries.
+template <typename T>
+void row_order(const Packing& p, const T* len, int64_t capacity, T* bin_start, T* order,
+               T* row_bin, T* row_offset, T* row_length) {
+    bin_start[0] = 0;
+    for (size_t b = 0; b < p.count.size(); ++b) bin_start[b + 1] = bin_start[b] + p.count[b];
+    const Segment* seg = p.segments.get();
+    const int32_t* placement = p.placement.get();
+    int64_t g = 0;
+    for_each_run(p, len, capacity, [&](int64_t need, int64_t count) {
+        for (const int64_t end = seg[g].first + count; seg[g].first < end; ++g) {
+            const int64_t slot = bin_start[seg[g].bin] + seg[g].rank - seg[g].first;
+            const T bin = seg[g].bin;
+            T at = seg[g].offset;
+            for (int64_t k = seg[g].first; k < seg[g + 1].first; ++k, at += need) {
+                order[slot + k] = placement ? placement[k] : k;
+                row_bin[slot + k] = bin;
+                row_offset[slot + k] = at;
+                row_length[slot + k] = need;
+            }
         }
-    }
+    });
 }
 
 template <typename T>
@@ -352,25 +501,26 @@ template <typename T, Algorithm<T> algorithm>
 py::dict pack(const Lengths<T>& lengths, int64_t capacity, const char* name, int64_t max_capacity) {
     const T* len = checked_lengths(lengths, capacity, max_capacity, name);
     const int64_t n = lengths.shape(0);
-    py::array_t<int64_t> bin(n), offset(n), order(n), row_bin(n), row_offset(n), row_length(n);
-    int64_t* bin_ptr = bin.mutable_data();
-    int64_t* offset_ptr = offset.mutable_data();
+    py::array_t<T> bin(n), offset(n), order(n), row_bin(n), row_offset(n), row_length(n);
+    T* bin_ptr = bin.mutable_data();
+    T* offset_ptr = offset.mutable_data();
     Packing p(0);
     {
         py::gil_scoped_release release;
         p = algorithm(len, n, capacity);
-        per_item(p, bin_ptr, offset_ptr);
+        per_item(p, len, capacity, bin_ptr, offset_ptr);
     }
     const auto num_bins = static_cast<py::ssize_t>(p.fill.size());
-    py::array_t<int64_t> fill(num_bins), bin_start(num_bins + 1);
-    int64_t* bin_start_ptr = bin_start.mutable_data();
-    int64_t* order_ptr = order.mutable_data();
-    int64_t* row_offset_ptr = row_offset.mutable_data();
-    int64_t* row_length_ptr = row_length.mutable_data();
+    py::array_t<T> fill(num_bins), bin_start(num_bins + 1);
+    T* bin_start_ptr = bin_start.mutable_data();
+    T* order_ptr = order.mutable_data();
+    T* row_bin_ptr = row_bin.mutable_data();
+    T* row_offset_ptr = row_offset.mutable_data();
+    T* row_length_ptr = row_length.mutable_data();
     std::copy(p.fill.begin(), p.fill.end(), fill.mutable_data());
     {
         py::gil_scoped_release release;
-        row_order(p, bin_start_ptr, order_ptr, row_bin.mutable_data(), row_offset_ptr,
+        row_order(p, len, capacity, bin_start_ptr, order_ptr, row_bin_ptr, row_offset_ptr,
                   row_length_ptr);
     }
     py::dict out;
@@ -388,15 +538,17 @@ py::dict pack(const Lengths<T>& lengths, int64_t capacity, const char* name, int
 template <typename T>
 void bind_variants(py::module_& m, const std::string& suffix) {
     const char* returns =
-        " Returns a dict of int64 arrays: bin, offset (per item), bin_fill, bin_start (per bin),"
-        " row_order, row_bin, row_offset, row_length (items sorted by (bin, offset)).";
+        " Returns a dict of arrays in the lengths' dtype: bin, offset (per item), bin_fill,"
+        " bin_start (per bin), row_order, row_bin, row_offset, row_length (items sorted by"
+        " (bin, offset)).";
     m.def(("best_fit_decreasing_" + suffix).c_str(),
           [](const Lengths<T>& lengths, int64_t capacity) {
               return pack<T, best_fit_decreasing<T>>(lengths, capacity, "best_fit_decreasing",
                                                      kMaxBestFitCapacity);
           },
           py::arg("lengths").noconvert(), py::arg("capacity"),
-          (std::string("Best-fit-decreasing (tightest bin, lowest index on ties).") + returns).c_str());
+          (std::string("Best-fit-decreasing (tightest bin; on ties the one that took its last item"
+                       " longest ago).") + returns).c_str());
     m.def(("first_fit_decreasing_" + suffix).c_str(),
           [](const Lengths<T>& lengths, int64_t capacity) {
               return pack<T, first_fit_decreasing<T>>(lengths, capacity, "first_fit_decreasing",
@@ -421,3 +573,4 @@ PYBIND11_MODULE(_packing, m) {
     bind_variants<int32_t>(m, "int32");
     bind_variants<int64_t>(m, "int64");
 }
+

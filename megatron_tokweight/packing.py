@@ -32,6 +32,8 @@ class PackResult:
     Per piece, sorted by (row, offset): `piece_sample`, `piece_start` (token offset within the
     sample), `piece_length`, `piece_row`, `piece_offset`; row r's pieces are
     `row_piece_offsets[r] : row_piece_offsets[r + 1]`.
+    Every array has one dtype: int32 when the lengths' dtype fits in int32 (int8, int16, int32,
+    uint8, uint16), int64 otherwise.
     """
 
     algorithm: str
@@ -76,8 +78,8 @@ class PackResult:
             "num_samples": self.num_samples,
             "num_pieces": self.num_pieces,
             "num_rows": self.num_rows,
-            "real_tokens": int(self.row_fill.sum()),
-            "lower_bound_rows": -(-int(self.row_fill.sum()) // self.seq_length),
+            "real_tokens": int(self.row_fill.sum(dtype=np.int64)),
+            "lower_bound_rows": -(-int(self.row_fill.sum(dtype=np.int64)) // self.seq_length),
             "truncated": self.truncated,
             "split": self.split,
             "dropped": self.dropped,
@@ -128,10 +130,11 @@ def _checked_lengths(lengths) -> np.ndarray:
 def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str = "truncate") -> PackResult:
     """Packs samples of the given token `lengths` into rows of `seq_length` tokens.
 
-    algorithm: "bfd" (best-fit-decreasing: the row with the least room that fits, lowest row on
-        ties), "ffd" (first-fit-decreasing: the lowest row that fits) or "next-fit" (keeps sample
-        order; a new row whenever the current one cannot take the next piece). The decreasing
-        orders are stable (ties by sample index), so results are deterministic.
+    algorithm: "bfd" (best-fit-decreasing: the row with the least room that fits; among rows
+        with equal room, the one that took its last piece longest ago, as TRL's and OLMo-core's
+        packers do), "ffd" (first-fit-decreasing: the lowest row that fits) or "next-fit" (keeps
+        sample order; a new row whenever the current one cannot take the next piece). The
+        decreasing orders are stable (ties by sample index), so results are deterministic.
     overlong: what to do with a sample longer than seq_length: "truncate" keeps its first
         seq_length tokens; "split" cuts it into full rows of seq_length plus a remainder that is
         packed with the others; "drop" leaves it out (row -1, counted in `dropped`).
@@ -140,18 +143,22 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
     seq_length = _checked_config(seq_length, algorithm, overlong)
     lengths = _checked_lengths(lengths)
     n = len(lengths)
+    if n > np.iinfo(np.int32).max:  # ids are int32 in the C++ and, for narrow lengths, here
+        raise DataFormatError(f"at most {np.iinfo(np.int32).max} samples per call, got {n}")
     is_overlong = lengths > seq_length
     is_empty = lengths == 0
     num_overlong, num_empty = int(is_overlong.sum()), int(is_empty.sum())
     overlong_tokens = int(lengths[is_overlong].sum(dtype=np.int64))
 
-    # Narrow inputs (e.g. int32 lengths.npy or the .idx sequence lengths) take the int32 variant.
+    # Narrow inputs (e.g. int32 lengths.npy or the .idx sequence lengths) take the int32 variant,
+    # which returns int32 arrays (half the memory); every array of the result gets that dtype
+    # (piece_start is below the sample's length, so it fits too).
     narrow = lengths.dtype.itemsize < 4 or lengths.dtype == np.int32
-    piece_dtype = np.int32 if narrow else np.int64
+    index_dtype = np.int32 if narrow else np.int64
     every_sample_whole = num_overlong == 0 and num_empty == 0
     if every_sample_whole:
         # One piece per sample, piece i = sample i: hand the input to C++ as it is.
-        piece_length = np.ascontiguousarray(lengths, dtype=piece_dtype)
+        piece_length = np.ascontiguousarray(lengths, dtype=index_dtype)
     else:
         pieces_per_sample = np.ones(n, dtype=np.int64)
         if overlong == "split":
@@ -159,12 +166,12 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
         elif overlong == "drop":
             pieces_per_sample[is_overlong] = 0
         pieces_per_sample[is_empty] = 0
-        piece_sample = np.repeat(np.arange(n, dtype=np.int64), pieces_per_sample)
+        piece_sample = np.repeat(np.arange(n, dtype=index_dtype), pieces_per_sample)
         first_piece = np.cumsum(pieces_per_sample) - pieces_per_sample
         piece_index = np.arange(len(piece_sample), dtype=np.int64) - first_piece[piece_sample]
         piece_start = piece_index * seq_length
         piece_length = np.minimum(lengths[piece_sample].astype(np.int64) - piece_start, seq_length)
-        piece_length = piece_length.astype(piece_dtype)
+        piece_start, piece_length = piece_start.astype(index_dtype), piece_length.astype(index_dtype)
 
     from megatron_tokweight import _packing
 
@@ -175,16 +182,16 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
 
     if every_sample_whole:
         row, offset = packed["bin"], packed["offset"]
-        piece_sample, piece_start = row_order, np.zeros(n, dtype=np.int64)
+        piece_sample, piece_start = row_order, np.zeros(n, dtype=index_dtype)
     else:
-        row = np.full(n, -1, dtype=np.int64)
-        offset = np.full(n, -1, dtype=np.int64)
+        row = np.full(n, -1, dtype=index_dtype)
+        offset = np.full(n, -1, dtype=index_dtype)
         placed = np.flatnonzero(pieces_per_sample > 0)
         row[placed] = packed["bin"][first_piece[placed]]
         offset[placed] = packed["offset"][first_piece[placed]]
         piece_sample, piece_start = piece_sample[row_order], piece_start[row_order]
 
-    real_tokens = int(row_fill.sum())
+    real_tokens = int(row_fill.sum(dtype=np.int64))
     return PackResult(
         algorithm=algorithm,
         seq_length=seq_length,

@@ -17,17 +17,20 @@ def decreasing(lengths):
 
 
 def reference_bfd(lengths, capacity):
-    """O(N * bins): the open bin with the least room that fits, lowest index on ties."""
-    fill, placed = [], [None] * len(lengths)
-    for i in decreasing(lengths):
+    """O(N * bins): the open bin with the least room that fits; on ties, the one that took its
+    last item longest ago."""
+    fill, last, placed = [], [], [None] * len(lengths)
+    for step, i in enumerate(decreasing(lengths)):
         fitting = [b for b in range(len(fill)) if capacity - fill[b] >= lengths[i]]
         if fitting:
-            b = min(fitting, key=lambda b: (capacity - fill[b], b))
+            b = min(fitting, key=lambda b: (capacity - fill[b], last[b]))
         else:
             b = len(fill)
             fill.append(0)
+            last.append(None)
         placed[i] = (b, fill[b])
         fill[b] += lengths[i]
+        last[b] = step
     return placed, fill
 
 
@@ -185,11 +188,30 @@ def test_cpp_packers_match_reference_including_zero_lengths(seed, capacity, n, a
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, capacity // 2 + 1, size=n)
     lengths[rng.random(n) < 0.1] = capacity
-    lengths = lengths.tolist()
+    check_cpp_against_reference(lengths.tolist(), capacity, algorithm, dtype)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("capacity", [64, 5000])
+def test_cpp_packers_match_reference_on_long_runs(algorithm, capacity):
+    # Thousands of items over few distinct lengths: long runs of one length, which the C++ packs a
+    # bin at a time (or, for BFD, a queue of equal-room bins at a time); BFD sends the zeros round
+    # the fullest rows. capacity 5000 needs three levels in the C++ set of remaining capacities.
+    rng = np.random.default_rng(capacity)
+    n = 2000
+    lengths = np.where(rng.random(n) < 0.3, rng.integers(capacity // 3, capacity + 1, n),
+                       rng.integers(1, capacity // 8 + 1, n))
+    step = max(1, capacity // 40)
+    lengths = np.maximum(lengths // step * step, 1)
+    lengths[rng.random(n) < 0.02] = 0
+    check_cpp_against_reference(lengths.tolist(), capacity, algorithm, "int64")
+
+
+def check_cpp_against_reference(lengths, capacity, algorithm, dtype):
     placed, fill = REFERENCES[algorithm](lengths, capacity)
     fn = getattr(_packing, f"{CPP[algorithm]}_{dtype}")
     out = fn(np.array(lengths, dtype=dtype), capacity)
-    assert all(a.dtype == np.int64 for a in out.values())
+    assert all(a.dtype == np.dtype(dtype) for a in out.values())  # the lengths' dtype
     assert list(zip(out["bin"].tolist(), out["offset"].tolist())) == placed
     assert out["bin_fill"].tolist() == fill
     by_row = sorted(range(len(lengths)), key=lambda i: placed[i])
@@ -232,6 +254,12 @@ def test_known_packing_by_hand():
     assert next_fit.row.tolist() == [0, 1, 1, 1] and next_fit.offset.tolist() == [0, 0, 5, 9]
 
 
+def test_best_fit_ties_go_to_the_row_idle_longest():
+    # L = 10: 7 -> r0 (3 left), 5 -> r1 (5 left), 4 -> r1 (1 left), 2 -> r0 (1 left). Both rows
+    # have room 1 for the last sample; r1 took its last sample earlier, so it gets it.
+    assert pack_lengths([7, 5, 4, 2, 1], 10, algorithm="bfd").row.tolist() == [0, 1, 1, 0, 1]
+
+
 def test_best_fit_is_not_first_fit():
     # 7 -> r0 (3 left), 4 -> r1 (6 left), 4 -> r1 (2 left); then 2 fits both rows:
     # best fit takes the tighter r1, first fit the lower r0.
@@ -253,12 +281,22 @@ def test_split_truncate_drop_by_hand():
     assert (drop.dropped, drop.dropped_tokens, drop.row[0], drop.num_rows) == (1, 25, -1, 2)
 
 
-def test_result_type_dtypes_and_empty_input():
-    result = pack_lengths(np.array([3, 1, 2], dtype=np.uint16), 4)
-    assert isinstance(result, PackResult) and result.algorithm == "bfd" and result.seq_length == 4
+@pytest.mark.parametrize("dtype, expected", [(np.uint16, np.int32), (np.int32, np.int32),
+                                             (np.int64, np.int64), (np.uint32, np.int64)])
+@pytest.mark.parametrize("lengths, overlong", [([3, 1, 2], "truncate"), ([3, 0, 9, 2], "split"),
+                                               ([3, 0, 9, 2], "drop")])
+def test_result_arrays_share_one_dtype(dtype, expected, lengths, overlong):
+    # int32 when the lengths' dtype fits in int32 (the C++ answers in the dtype it is given),
+    # whether every sample is one piece or some are split, dropped or empty.
+    result = pack_lengths(np.array(lengths, dtype=dtype), 4, overlong=overlong)
     for name in ("row", "offset", "piece_sample", "piece_start", "piece_length", "piece_row",
                  "piece_offset", "row_fill", "row_piece_offsets"):
-        assert getattr(result, name).dtype == np.int64, name
+        assert getattr(result, name).dtype == expected, name
+
+
+def test_result_type_and_empty_input():
+    result = pack_lengths(np.array([3, 1, 2], dtype=np.uint16), 4)
+    assert isinstance(result, PackResult) and result.algorithm == "bfd" and result.seq_length == 4
     assert result.summary()["lower_bound_rows"] == 2 and result.num_rows == 2
     empty = pack_lengths(np.zeros(0, dtype=np.int64), 8)
     assert empty.num_rows == 0 and empty.efficiency == 0.0 and empty.num_pieces == 0
