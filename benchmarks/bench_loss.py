@@ -26,7 +26,12 @@ Both run through `megatron_tokweight.schedule.forward_backward` (M = 1, Megatron
 
 Time: repetitions interleaved (the order alternates every repetition), each timed on every rank
 after a barrier: wall time of the slowest rank, and CPU time (`time.process_time`, all threads)
-summed over the ranks. Medians and their ratios ours / megatron (target <= 1.05). On a shared,
+summed over the ranks. Medians and their ratios ours / megatron (target <= 1.05). In the `loss`
+scope the logits are a leaf, so autograd would copy their gradient (the size of the logits) into
+a new `.grad`, page-faulting ~1 GB per run on this machine: the same work in every variant and
+the noisiest part of the run. Timed runs therefore give the leaf a ready zero `.grad` to
+accumulate into (what Megatron's DDP does with its `main_grad` buffers); profiled runs do not.
+On a shared,
 loaded machine the wall time of identical runs varies by 2-3x; the CPU time is the steadier
 measure of the work done, and the load average is written to the results.
 
@@ -168,12 +173,15 @@ def _rank(rank, world_size, cfg):
         reports, _ = forward_backward(partial(_step, per_token_of, loss_func_of), iter([batch]), model, 1, config, None, finalize=False)
         return reports
 
-    def fresh(scope):
+    def fresh(scope, timed=False):
         weight.grad = None
         if scope == "loss_func":
             return {"per_token": ready_per_token.clone().requires_grad_()}
         if scope == "loss":
-            return {"logits": ready_logits.clone().requires_grad_()}
+            logits = ready_logits.clone().requires_grad_()
+            if timed:  # accumulate into a ready buffer, as Megatron's DDP does into main_grad (docstring)
+                logits.grad = torch.zeros_like(logits)
+            return {"logits": logits}
         return {"h": hidden_states.clone().requires_grad_()}
 
     # correctness of what is timed: ours reports L = sum w l / sum w from the same per-token losses
@@ -187,7 +195,7 @@ def _rank(rank, world_size, cfg):
     for rep in range(cfg["warmup"] + cfg["reps"]):
         for scope in cfg["scopes"]:
             for variant in variants[rep % len(variants):] + variants[: rep % len(variants)]:  # rotate the order
-                state = fresh(scope)
+                state = fresh(scope, timed=True)
                 dist.barrier(group=tp_group)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 run(variant, scope, state)
