@@ -500,6 +500,45 @@ def test_concurrent_builders_build_once(data_dir, tmp_path):
     assert all(np.array_equal(np.asarray(d.shuffle_index), np.asarray(results[0].shuffle_index)) for d in results)
 
 
+def _construct_on_rank(rank, world_size, prefix, cache):
+    import time
+
+    import torch.distributed as dist
+    from megatron.core.datasets.utils import Split
+
+    from megatron_tokweight.packed_dataset import PackedDataset
+
+    build_and_save = PackedDataset._build_and_save
+
+    def slow_build(self, paths):  # long enough for every process to reach the cache check meanwhile
+        time.sleep(1.0)
+        return build_and_save(self, paths)
+
+    PackedDataset._build_and_save = slow_build
+    config = make_config([prefix], cache, split="1,0,0")
+    low = PackedDataset.build_low_level_dataset(prefix, config)
+    dist.barrier()  # every process reaches the cache check at once
+    # constructed directly: Megatron's builder would build on rank 0 first and make the others
+    # wait at a barrier; independent processes (jobs sharing a cache) rely on the file lock alone
+    dataset = PackedDataset(low, prefix, np.arange(len(low), dtype=np.int32), None, Split.train, config)
+    return dataset.cache_hit, np.asarray(dataset.shuffle_index).tolist(), np.asarray(dataset.pack_index.pieces).tolist()
+
+
+@pytest.mark.distributed
+def test_concurrent_processes_build_once(data_dir, tmp_path):
+    """Three processes sharing one cache: the file lock lets one build, the others map its
+    files; all read the same index, the one a lone build gives."""
+    from megatron_tokweight.distributed import spawn
+
+    prefix = str(data_dir / "b")
+    results = spawn(_construct_on_rank, 3, prefix, str(tmp_path / "cache"))
+    assert sorted(hit for hit, _, _ in results) == [False, True, True]
+    assert all(r[1:] == results[0][1:] for r in results)
+    (alone, *_) = build(make_config([prefix], tmp_path / "alone", split="1,0,0"))
+    assert results[0][1] == np.asarray(alone.shuffle_index).tolist()
+    assert results[0][2] == np.asarray(alone.pack_index.pieces).tolist()
+
+
 def test_pickled_dataset_reads_the_same_rows(data_dir, tmp_path):
     (train, *_) = build(make_config([str(data_dir / "b")], tmp_path, split="1,0,0", weighting="molmo2"))
     want = train[3]
