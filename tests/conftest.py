@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -13,3 +12,19 @@ def gsm8k_dir() -> Path:
     if not (GSM8K_DIR / "train.jsonl").is_file():
         pytest.skip(f"real-data test: {GSM8K_DIR}/train.jsonl not found (../shared is absent)")
     return GSM8K_DIR
+
+
+@pytest.fixture(scope="module")
+def rank_group(tmp_path_factory):
+    """A one-rank gloo world for the requesting module (Megatron's model needs process groups)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.new_group([dist.get_rank()])
+        return
+    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        yield dist.new_group([0])
+    finally:
+        dist.destroy_process_group()

@@ -313,22 +313,6 @@ VOCAB = 100
 SEQ = 32
 
 
-@pytest.fixture(scope="module")
-def rank_group(tmp_path_factory):
-    """A one-rank gloo world for this module (Megatron's model needs process groups)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield dist.new_group([dist.get_rank()])
-        return
-    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
-    try:
-        yield dist.new_group([0])
-    finally:
-        dist.destroy_process_group()
-
-
 def tiny_model(group, seed=0, vocab=VOCAB, tp=1):
     from megatron_tokweight.model import ModelConfig, build_gpt_model
 

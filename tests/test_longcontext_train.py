@@ -112,18 +112,8 @@ def plain_loss(long, weights, rows_list, mode):
 
 
 @pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield dist.new_group([dist.get_rank()])
-        return
-    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
-    try:
-        yield dist.new_group([0])
-    finally:
-        dist.destroy_process_group()
+def group(rank_group):  # conftest's one-rank gloo world
+    return rank_group
 
 
 def write_texts(path, count, seed):
