@@ -478,8 +478,18 @@ def test_cache_built_once_reused_and_keyed(data_dir, tmp_path):
     assert not np.array_equal(np.asarray(reseeded.shuffle_index), np.asarray(scratch.shuffle_index))
 
 
-def test_concurrent_builders_build_once(data_dir, tmp_path):
+def test_concurrent_builders_build_once(data_dir, tmp_path, monkeypatch):
+    import time
+
     from megatron_tokweight.packed_dataset import PackedDataset
+
+    build_and_save = PackedDataset._build_and_save
+
+    def slow_build(self, paths):  # long enough for every thread to reach the cache check meanwhile
+        time.sleep(0.5)
+        return build_and_save(self, paths)
+
+    monkeypatch.setattr(PackedDataset, "_build_and_save", slow_build)
 
     prefix = str(data_dir / "b")
     config = make_config([prefix], tmp_path, split="1,0,0")
