@@ -73,16 +73,9 @@ class ModelConfig:
                 f"the tensor-parallel size {tp} must divide model.num_attention_heads="
                 f"{self.num_attention_heads}; choose a TP size among the divisors of the heads"
             )
-        if self.num_query_groups % tp:
-            raise ConfigError(
-                f"the tensor-parallel size {tp} must divide model.num_query_groups="
-                f"{self.num_query_groups}"
-            )
-        if self.ffn_hidden_size % tp:
-            raise ConfigError(
-                f"the tensor-parallel size {tp} must divide model.ffn_hidden_size="
-                f"{self.ffn_hidden_size}"
-            )
+        for name in ("num_query_groups", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ConfigError(f"the tensor-parallel size {tp} must divide model.{name}={getattr(self, name)}")
         if self.padded_vocab_size % tp:
             raise ConfigError(
                 f"the tensor-parallel size {tp} must divide the padded vocabulary "

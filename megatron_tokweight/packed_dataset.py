@@ -22,10 +22,11 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
 from megatron.core.datasets.megatron_dataset import MegatronDataset
@@ -344,6 +345,19 @@ class PackedDataset(MegatronDataset):
         stats = stats.as_dict()
         stats["epochs"] = epochs
         return index, shuffle_index, stats
+
+
+def build_packed_datasets(config: PackedDatasetConfig, train_val_test_num_samples: Sequence[Optional[int]],
+                          is_built_on_rank: Callable[[], bool] = lambda: True, long_context=None):
+    """(train, valid, test) `PackedDataset`s (or blends of them) through Megatron-Core's builder;
+    with a `LongContextConfig` that reads scores (frozen scorer, rho1) each carries them."""
+    datasets = BlendedMegatronDatasetBuilder(
+        PackedDataset, list(train_val_test_num_samples), is_built_on_rank, config).build()
+    if long_context is not None and long_context.reads_scores:
+        from megatron_tokweight.longcontext.score_sidecar import attach_scores
+
+        datasets = [attach_scores(dataset, long_context) for dataset in datasets]
+    return datasets
 
 
 def _atomic_write(path: str, write) -> None:

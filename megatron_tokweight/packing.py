@@ -71,6 +71,7 @@ class PackResult:
 
     def summary(self) -> dict:
         """The scalar fields, JSON-ready (for reports)."""
+        real_tokens = int(self.row_fill.sum(dtype=np.int64))
         return {
             "algorithm": self.algorithm,
             "seq_length": self.seq_length,
@@ -78,8 +79,8 @@ class PackResult:
             "num_samples": self.num_samples,
             "num_pieces": self.num_pieces,
             "num_rows": self.num_rows,
-            "real_tokens": int(self.row_fill.sum(dtype=np.int64)),
-            "lower_bound_rows": -(-int(self.row_fill.sum(dtype=np.int64)) // self.seq_length),
+            "real_tokens": real_tokens,
+            "lower_bound_rows": -(-real_tokens // self.seq_length),
             "truncated": self.truncated,
             "split": self.split,
             "dropped": self.dropped,

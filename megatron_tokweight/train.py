@@ -364,25 +364,16 @@ def dataset_config(config: TrainConfig, prefixes, weights, weighting):
 
 def build_datasets(config: TrainConfig, is_built_on_rank: Callable[[], bool] = lambda: True):
     """(training dataset, [eval dataset per eval prefix]); collective when torch.distributed is up."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
-    from megatron_tokweight.packed_dataset import PackedDataset
+    from megatron_tokweight.packed_dataset import build_packed_datasets
 
     rows = config.steps * config.rows_per_step
     train_config = dataset_config(config, config.data.prefixes, config.data.weights, config.weighting)
-    # only the train split is used (split "100,0,0"); 0 rows, not None, for the others when blended
-    train = BlendedMegatronDatasetBuilder(PackedDataset, [rows, 0, 0], is_built_on_rank, train_config).build()[0]
-    if config.long_context is not None and config.long_context.reads_scores:
-        from megatron_tokweight.longcontext.score_sidecar import attach_scores
-
-        train = attach_scores(train, config.long_context)  # the frozen scores of every prefix
-    evals = []
-    for prefix in config.data.eval_prefixes:
-        # held-out loss is the plain per-task mean: no weighting
-        eval_config = dataset_config(config, [prefix], None, None)
-        evals.append(
-            BlendedMegatronDatasetBuilder(PackedDataset, [None, None, None], is_built_on_rank, eval_config).build()[0]
-        )
+    # only the train split is used (split "100,0,0"); 0 rows, not None, for the others when blended;
+    # with the frozen long-context scorer the rows carry every prefix's scores
+    train = build_packed_datasets(train_config, [rows, 0, 0], is_built_on_rank, config.long_context)[0]
+    # held-out loss is the plain per-task mean: no weighting
+    evals = [build_packed_datasets(dataset_config(config, [prefix], None, None), [None, None, None], is_built_on_rank)[0]
+             for prefix in config.data.eval_prefixes]
     return train, evals
 
 

@@ -474,7 +474,8 @@ def test_megatron_long_context_flags(tmp_path):
 def test_megatron_frozen_datasets_carry_the_scores(data, scored):
     from megatron_tokweight.longcontext import LongContextConfig
     from megatron_tokweight.longcontext.score_sidecar import ScoredRows, TokenScores
-    from megatron_tokweight.megatron.datasets_provider import build_packed_datasets, packed_dataset_config_from_args
+    from megatron_tokweight.megatron.datasets_provider import packed_dataset_config_from_args
+    from megatron_tokweight.packed_dataset import build_packed_datasets
 
     prefix = str(data / "train")
     args = megatron_args(["--data-path", "1", prefix, "1", prefix, "--split", "1,0,0", "--seq-length", str(SEQ),

@@ -253,7 +253,8 @@ def write_prefixes(directory):
 
 
 def test_args_round_trip_into_the_dataset_config(tmp_path):
-    from megatron_tokweight.megatron.datasets_provider import build_packed_datasets, packed_dataset_config_from_args, report_names
+    from megatron_tokweight.megatron.datasets_provider import packed_dataset_config_from_args, report_names
+    from megatron_tokweight.packed_dataset import build_packed_datasets
     from megatron_tokweight.weighting import WeightingConfig
 
     prefixes = write_prefixes(tmp_path)
@@ -500,7 +501,8 @@ def _case_forward_step(rank, prefix, cache):
     from megatron_tokweight.longcontext import LongContextConfig
     from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.loss import reduce_reports
-    from megatron_tokweight.megatron.datasets_provider import build_packed_datasets, packed_dataset_config_from_args
+    from megatron_tokweight.megatron.datasets_provider import packed_dataset_config_from_args
+    from megatron_tokweight.packed_dataset import build_packed_datasets
     from megatron_tokweight.megatron.steps import TokweightSteps, steps_from_megatron_args
     from megatron_tokweight.model import ModelConfig, build_gpt_model
     from megatron_tokweight.schedule import ScheduleConfig, forward_backward

@@ -20,7 +20,7 @@ _EXPORTS = {
     "add_packing_args": "megatron_tokweight.megatron.arguments",
     "train_valid_test_datasets_provider": "megatron_tokweight.megatron.datasets_provider",
     "packed_dataset_config_from_args": "megatron_tokweight.megatron.datasets_provider",
-    "build_packed_datasets": "megatron_tokweight.megatron.datasets_provider",
+    "build_packed_datasets": "megatron_tokweight.packed_dataset",
     "get_batch": "megatron_tokweight.megatron.batch",
     "broadcast_batch": "megatron_tokweight.megatron.batch",
     "thd_partition_indices": "megatron_tokweight.megatron.batch",

@@ -3,7 +3,7 @@
 `packed_dataset_config_from_args(args)` maps Megatron-LM's data arguments (`--data-path` or the
 per-split paths, `--split`, `--seq-length`, `--seed`, `--data-cache-path`,
 `--context-parallel-size`, ...) plus the weighting and packing flags onto a
-`PackedDatasetConfig`; `build_packed_datasets` runs Megatron-Core's
+`PackedDatasetConfig`; `packed_dataset.build_packed_datasets` runs Megatron-Core's
 `BlendedMegatronDatasetBuilder(PackedDataset, ...)`, so blends and splits behave as with
 `GPTDataset`. With the frozen long-context scorer (`--long-context-scorer frozen`, the default
 when any `--long-context-*` flag is given) every split's rows carry the scores `tokweight score`
@@ -17,7 +17,7 @@ the same rows, so each stage also computes the same normalizer.
 """
 import argparse
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 from megatron_tokweight.errors import ConfigError
 
@@ -91,23 +91,6 @@ def packed_dataset_config_from_args(args: argparse.Namespace):
     )
 
 
-def build_packed_datasets(config, train_val_test_num_samples: Sequence[Optional[int]],
-                          is_built_on_rank: Callable[[], bool] = lambda: True, long_context=None):
-    """(train, valid, test) `PackedDataset`s (or blends of them) through Megatron-Core's builder;
-    with a `LongContextConfig` that reads scores (frozen scorer, rho1) each carries them."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
-    from megatron_tokweight.packed_dataset import PackedDataset
-
-    datasets = BlendedMegatronDatasetBuilder(
-        PackedDataset, list(train_val_test_num_samples), is_built_on_rank, config).build()
-    if long_context is not None and long_context.reads_scores:
-        from megatron_tokweight.longcontext.score_sidecar import attach_scores
-
-        datasets = [attach_scores(dataset, long_context) for dataset in datasets]
-    return datasets
-
-
 def report_names(config) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """(task names, dataset names) for the per-task and per-dataset loss reports.
 
@@ -162,6 +145,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.training import get_args, print_rank_0
 
     from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.packed_dataset import build_packed_datasets
 
     args = get_args()
     config = packed_dataset_config_from_args(args)
