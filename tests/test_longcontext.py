@@ -72,7 +72,7 @@ def ref_dense(scores, mask, sample_ids, lam):
     for positions in pieces_of(mask, sample_ids).values():
         total = sum(s[p] for p in positions)
         for p in positions:
-            w[p] = 1.0 if total == 0 else lam + (1 - lam) * len(positions) * s[p] / total
+            w[p] = 1.0 if total <= len(positions) * 1e-6 else lam + (1 - lam) * len(positions) * s[p] / total
     return np.array(w).reshape(scores.shape)
 
 
@@ -80,7 +80,7 @@ def ref_top(values, mask, sample_ids, fraction, chosen, other, flat_is_uniform):
     v = values.reshape(-1).tolist()
     w = [0.0] * len(v)
     for positions in pieces_of(mask, sample_ids).values():
-        if flat_is_uniform and all(v[p] == 0 for p in positions):
+        if flat_is_uniform and sum(v[p] for p in positions) <= len(positions) * 1e-6:
             for p in positions:
                 w[p] = 1.0
             continue
@@ -89,6 +89,20 @@ def ref_top(values, mask, sample_ids, fraction, chosen, other, flat_is_uniform):
         for rank, p in enumerate(ranked):
             w[p] = chosen if rank < keep else other
     return np.array(w).reshape(values.shape)
+
+
+def test_roundoff_scores_give_uniform_weights():
+    """The documented guard: a piece whose short and long log-probs differ only by round-off
+    (mean s <= 1e-6 nats) is uniform under dense and sparse; a real signal of 1e-4 is not."""
+    mask = torch.ones(2, 8)
+    segment_ids = torch.tensor([[0] * 8, [1] * 8])
+    noise = torch.zeros(2, 8)
+    noise[0, 3], noise[1, 3] = 4e-7, 1e-4  # one token of each piece differs
+    dense = dense_weights(noise, mask, segment_ids, 0.5)
+    sparse = sparse_weights(noise, mask, segment_ids, 0.25)
+    assert torch.equal(dense[0], torch.ones(8)) and torch.equal(sparse[0], torch.ones(8))
+    assert dense[1, 3] == pytest.approx(0.5 + 0.5 * 8) and dense[1, 0] == pytest.approx(0.5)
+    assert sparse[1].tolist() == [4.0, 0, 0, 4.0, 0, 0, 0, 0]
 
 
 def segments(cu, counts):

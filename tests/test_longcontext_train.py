@@ -52,7 +52,11 @@ def plain_logprobs(model, rows, n=N_SHORT, stride=STRIDE, short=True):
     """(short, long) log p(label) [b, L] (float64, 0 off loss tokens) of collated packed rows.
 
     long: the piece alone; short: position t of a piece starting at b sees tokens [a, t] with
-    a = b + k * stride, k = max(0, ceil((t - b + 1 - n) / stride)) (window k run alone)."""
+    a = b + k * stride, k = max(0, ceil((t - b + 1 - n) / stride)) (window k run alone).
+    Window 0 starts where the piece does, so by causality it sees exactly the long context: its
+    short log-probs are the long ones. Rerunning it as a shorter sequence would only add the CPU
+    attention's length-dependent round-off (~4e-7 on AMD EPYC), which the dense formula's
+    N * s / sum(s) turns into large weights for a piece whose loss tokens all lie in window 0."""
     long_lp = torch.zeros(rows["tokens"].shape, dtype=torch.float64)
     short_lp = torch.zeros_like(long_lp)
     tokens, positions, labels, mask = rows["tokens"], rows["position_ids"], rows["labels"], rows["loss_mask"]
@@ -67,6 +71,10 @@ def plain_logprobs(model, rows, n=N_SHORT, stride=STRIDE, short=True):
                 long_lp[r, t] = full[t - b, labels[r, t]]
                 windows.setdefault(b + max(0, math.ceil((t - b + 1 - n) / stride)) * stride, []).append(t)
             for a, kept in windows.items() if short else ():
+                if a == b:
+                    for t in kept:
+                        short_lp[r, t] = long_lp[r, t]
+                    continue
                 part = run_alone(model, tokens[r, a:min(a + n, e)], positions[r, a:min(a + n, e)])
                 for t in kept:
                     short_lp[r, t] = part[t - a, labels[r, t]]
@@ -74,7 +82,8 @@ def plain_logprobs(model, rows, n=N_SHORT, stride=STRIDE, short=True):
 
 
 def plain_dense(short, long, rows, lam=LAM):
-    """w_t = lam + (1 - lam) * N * s_t / sum s per piece, s = |short - long|; 1 when sum s = 0."""
+    """w_t = lam + (1 - lam) * N * s_t / sum s per piece, s = |short - long|; 1 when
+    sum s <= N * 1e-6 (scores at round-off level, the documented guard)."""
     weights = torch.zeros_like(long)
     for r in range(long.shape[0]):
         for b, e in pieces(rows, r):
@@ -82,7 +91,7 @@ def plain_dense(short, long, rows, lam=LAM):
             s = [abs(float(short[r, t] - long[r, t])) for t in loss]
             total = sum(s)
             for t, s_t in zip(loss, s):
-                weights[r, t] = lam + (1 - lam) * len(loss) * s_t / total if total > 0 else 1.0
+                weights[r, t] = lam + (1 - lam) * len(loss) * s_t / total if total > len(loss) * 1e-6 else 1.0
     return weights
 
 

@@ -12,8 +12,10 @@ that piece's loss tokens only, so a sample's weights do not depend on what it is
 Conventions (all deterministic, none produces NaN):
 - weights are 0 on non-loss positions; values there (scores, log-probs) are ignored, so padding or
   a sample's first token may hold anything finite or not;
-- dense and sparse: a sequence whose scores sum to 0 (short and long context agree everywhere)
-  gets the uniform weight 1 on every loss token (0/0 read as "no information");
+- dense and sparse: a sequence whose scores are at round-off level (mean s <= `ROUNDOFF_SCORE`
+  nats: short and long context agree to fp32 round-off everywhere) gets the uniform weight 1 on
+  every loss token. Read literally, N * s_t / sum(s) would turn pure round-off (two fp32 forwards
+  of different lengths differ by ~1e-7 on some CPUs) into weights of order N;
 - top-fraction selection (sparse, rho1) keeps k = ceil(fraction * N) tokens (at least one); among
   equal scores at the cut the earlier position wins (flat, row-major order).
 """
@@ -26,6 +28,9 @@ from megatron_tokweight.errors import TokweightError
 
 # tolerance for ceil(fraction * N) so that e.g. 0.3 * 10 keeps 3 tokens, not 4
 _CEIL_SLACK = 1e-9
+# mean |log p_short - log p_long| (nats) at or below which a sequence carries no information:
+# well above fp32 log-softmax round-off (~1e-7), far below any real context effect
+ROUNDOFF_SCORE = 1e-6
 
 
 def helm_scores(short_logprobs: torch.Tensor, long_logprobs: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ def dense_weights(
     count = torch.bincount(seg).double()
     total = torch.zeros_like(count).index_add_(0, seg, values)
     n_t, sum_t = count[seg], total[seg]
-    informative = sum_t > 0
+    informative = sum_t > n_t * ROUNDOFF_SCORE
     ratio = torch.where(informative, n_t * values / torch.where(informative, sum_t, 1.0), 1.0)
     return _scatter(scores, sel, lam + (1.0 - lam) * ratio)
 
@@ -101,7 +106,7 @@ def sparse_weights(
 ) -> torch.Tensor:
     """1/kappa on the top ceil(kappa * N) scores of each training sequence, 0 elsewhere.
 
-    A sequence whose scores are all 0 gets weight 1 everywhere (no token stands out)."""
+    A sequence whose scores are at round-off level gets weight 1 everywhere (no token stands out)."""
     _check_fraction(kappa, "kappa")
     sel, seg, values = _loss_tokens(scores, loss_mask, segment_ids, "scores")
     if (values < 0).any():
@@ -109,7 +114,7 @@ def sparse_weights(
     keep = _top_fraction(values, seg, kappa)
     total = torch.zeros(int(seg.max()) + 1 if seg.numel() else 0, dtype=torch.float64)
     total.index_add_(0, seg, values.double())
-    flat = total[seg] == 0
+    flat = total[seg] <= torch.bincount(seg).double()[seg] * ROUNDOFF_SCORE
     weight = torch.where(keep, 1.0 / kappa, 0.0).double()
     return _scatter(scores, sel, torch.where(flat, 1.0, weight))
 
