@@ -1,4 +1,5 @@
-"""Builds one private pybind11 extension per file in csrc/ (megatron_tokweight._<stem>).
+"""Builds one private pybind11 extension per file in csrc/, inside the package that uses it
+(csrc/packing.cpp -> megatron_tokweight.data._packing).
 
 The C++ does indexing only: numpy arrays in, numpy arrays out, bounds checked.
 """
@@ -8,9 +9,11 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 HERE = Path(__file__).parent
+# csrc/<stem>.cpp -> the subpackage whose Python front end calls it
+PACKAGE_OF = {"packing": "data", "rows": "data", "counting": "weighting"}
 ext_modules = [
     Pybind11Extension(
-        f"megatron_tokweight._{src.stem}",
+        f"megatron_tokweight.{PACKAGE_OF[src.stem]}._{src.stem}",
         [str(src.relative_to(HERE))],
         cxx_std=17,
         extra_compile_args=["-O3"],

@@ -24,7 +24,8 @@ def write_synthetic(prefix, num_samples, vocab_size, seed):
     """Chat-like samples: lognormal lengths (median ~300 tokens), the second part an answer span."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_tokweight.sidecar import SampleMetadataBuilder, write_sidecar
+    from megatron_tokweight.data.sidecar import write_sidecar
+    from megatron_tokweight.data.sidecar_builder import SampleMetadataBuilder
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(300), 0.9, num_samples).astype(np.int64), 2, 12000)
@@ -62,9 +63,14 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
 
-    from megatron_tokweight.packed_dataset import PackedDataset, PackedDatasetConfig
+    from megatron_tokweight.data.packed_dataset import (
+        PackedDataset,
+        PackedDatasetConfig,
+    )
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:

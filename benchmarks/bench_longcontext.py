@@ -58,7 +58,7 @@ def bench_online(args, group):
     from megatron_tokweight.longcontext import LongContextConfig
     from megatron_tokweight.longcontext.scorer_online import OnlineScorer
     from megatron_tokweight.loss import weighted_cross_entropy
-    from megatron_tokweight.model import ModelConfig, build_gpt_model, row_logits
+    from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model, row_logits
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab, seq_length=args.seq_length, num_layers=args.layers,
@@ -101,9 +101,9 @@ def bench_online(args, group):
 
 
 def bench_offline(args, group, workdir):
+    from megatron_tokweight.data.prepare import prepare_jsonl
     from megatron_tokweight.longcontext.scorer_offline import score_dataset
-    from megatron_tokweight.model import ModelConfig, build_gpt_model
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model
 
     rng = np.random.default_rng(1)
     alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz ,.ABCDEFGHIJ0123456789"))

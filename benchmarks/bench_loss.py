@@ -1,7 +1,7 @@
 """Benchmark: the token-weighted loss vs Megatron's unweighted loss, side by side in one run.
 
 Same shapes for both (default 8,192 tokens = 2 rows x 4,096, vocabulary 32,000, hidden 64), at
-TP = 1 and TP = 2 (gloo ranks via `megatron_tokweight.distributed.spawn`, Megatron's parallel
+TP = 1 and TP = 2 (gloo ranks via `megatron_tokweight.trainer.spawn.spawn`, Megatron's parallel
 state initialised with that TP size):
 
 - `megatron`: Megatron's `tensor_parallel.vocab_parallel_cross_entropy` + a stock-style loss
@@ -15,7 +15,7 @@ state initialised with that TP size):
   like-for-like comparison with the stock loss function, which reports one pair; `ours` shows
   what the per-task / per-dataset reports add.
 
-Both run through `megatron_tokweight.schedule.forward_backward` (M = 1, Megatron's
+Both run through `megatron_tokweight.trainer.forward_backward.forward_backward` (M = 1, Megatron's
 `forward_step_calc_loss`), forward and backward, in three scopes:
 
 - `loss_func`: from a ready per-token loss [b, s] to its gradient: only the loss functions (and
@@ -136,7 +136,10 @@ def _rank(rank, world_size, cfg):
         reduce_reports,
         stock_loss_func,
     )
-    from megatron_tokweight.schedule import ScheduleConfig, forward_backward
+    from megatron_tokweight.trainer.forward_backward import (
+        ScheduleConfig,
+        forward_backward,
+    )
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size, create_gloo_process_groups=False)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -274,7 +277,7 @@ def main(argv=None):
     if args.quick:
         args.reps, args.tp = 3, [1]
 
-    from megatron_tokweight.distributed import spawn
+    from megatron_tokweight.trainer.spawn import spawn
 
     cfg = {k: getattr(args, k) for k in ("rows", "seq", "vocab", "hidden", "reps", "warmup", "scopes")}
     results = {

@@ -20,8 +20,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # idle BLAS threads would add to process time
 import numpy as np  # noqa: E402
 
-from megatron_tokweight import _packing  # noqa: E402
-from megatron_tokweight.packing import pack_lengths  # noqa: E402
+from megatron_tokweight.data import _packing  # noqa: E402
+from megatron_tokweight.data.packing import pack_lengths  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_packing.json"
 

@@ -10,7 +10,7 @@ shape, the same packed rows (the demo corpus, prepared and packed by the real co
   `compute_language_model_loss` (`vocab_parallel_cross_entropy`), uniform weights through
   `stock_loss_func` (Megatron-LM's `pretrain_gpt.loss_func` semantics).
 
-Both run M micro-batches through `megatron_tokweight.schedule.forward_backward` (Megatron's
+Both run M micro-batches through `megatron_tokweight.trainer.forward_backward.forward_backward` (Megatron's
 `forward_step_calc_loss`, backward, gradient finalisation) and an AdamW step, with the packed
 (THD) `PackedCoreAttention`. Repetitions are interleaved (the order alternates every repetition)
 after warm-up; wall time and CPU time (`time.process_time`) per step; the ratio of the medians
@@ -52,11 +52,16 @@ def parse_args(argv=None):
 
 
 def prepare_rows(work, seq_length, rows_needed):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
 
-    from megatron_tokweight.demo_corpus import CorpusConfig, write_corpus
-    from megatron_tokweight.packed_dataset import PackedDataset, PackedDatasetConfig
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.data.packed_dataset import (
+        PackedDataset,
+        PackedDatasetConfig,
+    )
+    from megatron_tokweight.data.prepare import prepare_jsonl
+    from megatron_tokweight.data.sources.demo_corpus import CorpusConfig, write_corpus
 
     paths = write_corpus(os.path.join(work, "corpus"), CorpusConfig(num_train=400, num_eval=4))
     prefix = os.path.join(work, "train")
@@ -72,18 +77,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
-    from megatron_tokweight.distributed import free_port
+    from megatron_tokweight.trainer.spawn import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_tokweight.data.thd_batch import flatten_rows, packed_seq_params
     from megatron_tokweight.loss import LossSettings, stock_loss_func
-    from megatron_tokweight.megatron.batch import flatten_rows, packed_seq_params
-    from megatron_tokweight.model import ModelConfig, build_gpt_model
-    from megatron_tokweight.schedule import ScheduleConfig, forward_backward
-    from megatron_tokweight.train import make_forward_step
+    from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model
+    from megatron_tokweight.trainer.forward_backward import (
+        ScheduleConfig,
+        forward_backward,
+        make_forward_step,
+    )
 
     parallel_state.initialize_model_parallel(1)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -100,7 +108,7 @@ def main(argv=None):
                          hidden_size=args.hidden_size, num_attention_heads=args.heads)
     torch.manual_seed(0)
     ours = build_gpt_model(config, tp_group=tp_group)
-    from megatron_tokweight.attention import gpt_layer_spec
+    from megatron_tokweight.model.packed_attention import gpt_layer_spec
 
     stock = GPTModel(config=config.transformer_config(), transformer_layer_spec=gpt_layer_spec(False),
                      vocab_size=config.padded_vocab_size, max_sequence_length=config.seq_length,

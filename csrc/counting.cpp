@@ -1,4 +1,4 @@
-// Token-id histogram over a token buffer (megatron_tokweight._counting).
+// Token-id histogram over a token buffer (megatron_tokweight.weighting._counting).
 //
 // Indexing only: a C-contiguous numpy token array (e.g. a memmap of a .bin) in,
 // (counts int64[vocab_size], first_bad_position) out. first_bad_position is -1 when every id is in

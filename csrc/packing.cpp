@@ -1,4 +1,4 @@
-// Bin packing of sample lengths into rows of `capacity` tokens (megatron_tokweight._packing).
+// Bin packing of sample lengths into rows of `capacity` tokens (megatron_tokweight.data._packing).
 //
 // Indexing only: numpy lengths in; per item bin and offset, per bin fill and the items in row
 // order out. Policy (overlong samples, empty samples) is decided by megatron_tokweight.packing.

@@ -51,7 +51,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.core.models.gpt import GPTModel
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_tokweight.attention import gpt_layer_spec
+    from megatron_tokweight.model.packed_attention import gpt_layer_spec
 
     config = core_transformer_config_from_args(args) if config is None else config
     return GPTModel(
@@ -77,7 +77,11 @@ def main() -> int:
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
-    from megatron_tokweight.megatron import extra_args_provider, forward_step, train_valid_test_datasets_provider
+    from megatron_tokweight.megatron import (
+        extra_args_provider,
+        forward_step,
+        train_valid_test_datasets_provider,
+    )
 
     pretrain(
         train_valid_test_datasets_provider,

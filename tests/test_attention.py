@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from megatron_tokweight.attention import (
+from megatron_tokweight.model.packed_attention import (
     HAVE_TE,
     _buckets,
     causal_attention_sbhd,
@@ -110,7 +110,10 @@ def test_segment_bounds_rejects_bad_boundaries():
 def test_module_in_local_spec_and_thd_output_shape():
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_tokweight.attention import PackedCoreAttention, gpt_layer_spec
+    from megatron_tokweight.model.packed_attention import (
+        PackedCoreAttention,
+        gpt_layer_spec,
+    )
 
     spec = gpt_layer_spec(use_te=False)
     assert spec.submodules.self_attention.submodules.core_attention is PackedCoreAttention
@@ -125,7 +128,7 @@ def test_module_in_local_spec_and_thd_output_shape():
     class Groups:
         tp = OneRank()
 
-    from megatron_tokweight.model import ModelConfig
+    from megatron_tokweight.model.gpt import ModelConfig
 
     config = ModelConfig(vocab_size=10, seq_length=16, hidden_size=16, num_attention_heads=4,
                          num_query_groups=2).transformer_config()

@@ -4,9 +4,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_tokweight import _counting
-from megatron_tokweight.counting import count_token_ids, count_token_ids_in_dataset
 from megatron_tokweight.errors import ConfigError, DataFormatError
+from megatron_tokweight.weighting import _counting
+from megatron_tokweight.weighting.token_counts import (
+    count_token_ids,
+    count_token_ids_in_dataset,
+)
 
 
 @settings(max_examples=60, deadline=None)

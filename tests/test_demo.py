@@ -4,8 +4,12 @@ import math
 
 import pytest
 
-from megatron_tokweight.demo import DemoOptions, run_demo
-from megatron_tokweight.demo_corpus import TASKS, iter_records, number_in_words
+from megatron_tokweight.data.sources.demo_corpus import (
+    TASKS,
+    iter_records,
+    number_in_words,
+)
+from megatron_tokweight.trainer.demo import DemoOptions, run_demo
 
 
 def reference_shares(records):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_tokweight.distributed import spawn
+from megatron_tokweight.trainer.spawn import spawn
 
 
 def _allreduce_rank(rank, world_size):

@@ -328,7 +328,7 @@ SEQ = 32
 
 
 def tiny_model(group, seed=0, vocab=VOCAB, tp=1):
-    from megatron_tokweight.model import ModelConfig, build_gpt_model
+    from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model
 
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=vocab, seq_length=SEQ, num_layers=2, hidden_size=32,
@@ -370,7 +370,7 @@ def row_batch(pieces_per_row, seed=0, length=SEQ, vocab=VOCAB):
 
 def alone_logprob(model, tokens, positions, label):
     """log p(label | tokens) with the tokens run as their own sequence (the reference)."""
-    from megatron_tokweight.model import packed_logits
+    from megatron_tokweight.model.gpt import packed_logits
 
     n = len(tokens)
     cu = torch.tensor([0, n], dtype=torch.int32)
@@ -493,8 +493,8 @@ def write_texts(path, texts):
 
 def save_checkpoint(save_dir, prefix, model, group, vocab=BYTE_VOCAB):
     """Save `model` exactly as `tokweight train` does (its identity and file layout)."""
-    from megatron_tokweight import checkpoint
-    from megatron_tokweight.train import TrainConfig
+    from megatron_tokweight.model import checkpoint
+    from megatron_tokweight.trainer.config import TrainConfig
 
     config = TrainConfig.from_dict({
         "data": {"prefixes": [str(prefix)], "seq_length": SEQ},
@@ -510,7 +510,7 @@ def save_checkpoint(save_dir, prefix, model, group, vocab=BYTE_VOCAB):
 def scored(tmp_path_factory, rank_group):
     """A prepared dataset, a random-init scorer checkpoint, and `tokweight score` run on them."""
     from megatron_tokweight import cli
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.data.prepare import prepare_jsonl
 
     root = tmp_path_factory.mktemp("score")
     prefix = str(root / "data")
@@ -556,12 +556,17 @@ def test_offline_scores_equal_each_window_run_alone(scored):
 
 
 def test_scored_rows_align_with_the_sidecar_and_match_the_online_scorer(scored, tmp_path):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from torch.utils.data import default_collate
 
+    from megatron_tokweight.data.packed_dataset import (
+        PackedDataset,
+        PackedDatasetConfig,
+    )
     from megatron_tokweight.longcontext.score_sidecar import ScoredRows, TokenScores
     from megatron_tokweight.longcontext.scorer_online import OnlineScorer
-    from megatron_tokweight.packed_dataset import PackedDataset, PackedDatasetConfig
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
     root, prefix, model = scored
     config = PackedDatasetConfig(random_seed=1, blend=([prefix], None), split="1,0,0", sequence_length=SEQ,
@@ -616,9 +621,12 @@ def test_score_errors(scored, tmp_path, capsys, rank_group):
     import shutil
 
     from megatron_tokweight import cli
+    from megatron_tokweight.data.prepare import prepare_jsonl
     from megatron_tokweight.errors import DataFormatError
-    from megatron_tokweight.longcontext.score_sidecar import TokenScores, default_scores_dir
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.longcontext.score_sidecar import (
+        TokenScores,
+        default_scores_dir,
+    )
 
     root, prefix, _ = scored
     args = ["score", prefix, "--scorer", str(root / "ckpt"), "--no-progress"]
@@ -653,7 +661,11 @@ def _tp_case(rank, world_size, prefix, out_root):
     import torch.distributed as dist
 
     from megatron_tokweight.longcontext.logprobs import target_logprobs
-    from megatron_tokweight.longcontext.scorer_offline import load_scorer, open_checkpoint, score_dataset
+    from megatron_tokweight.longcontext.scorer_offline import (
+        load_scorer,
+        open_checkpoint,
+        score_dataset,
+    )
     from megatron_tokweight.longcontext.scorer_online import OnlineScorer
 
     tp2 = dist.new_group([0, 1])
@@ -680,8 +692,8 @@ def _tp_case(rank, world_size, prefix, out_root):
     result["weights"] = OnlineScorer(config, tp_group=tp2).weights(model2, batch)
     result["weights_tp1"] = OnlineScorer(config, tp_group=tp1).weights(model1, batch)
     # 3. the offline scorer on a TP = 2 checkpoint (both ranks score, rank 0 writes) vs TP = 1
-    from megatron_tokweight import checkpoint
-    from megatron_tokweight.train import TrainConfig
+    from megatron_tokweight.model import checkpoint
+    from megatron_tokweight.trainer.config import TrainConfig
 
     byte2 = tiny_model(tp2, seed=5, vocab=BYTE_VOCAB, tp=2)
     identity = TrainConfig.from_dict({
@@ -702,8 +714,8 @@ def _tp_case(rank, world_size, prefix, out_root):
 
 
 def test_tensor_parallel_scores_equal_single_process(scored, tmp_path):
-    from megatron_tokweight.distributed import spawn
     from megatron_tokweight.longcontext.score_sidecar import TokenScores
+    from megatron_tokweight.trainer.spawn import spawn
 
     _, prefix, _ = scored
     results = spawn(_tp_case, 2, prefix, str(tmp_path))

@@ -51,8 +51,11 @@ def trained(tmp_path_factory):
     import torch.distributed as dist
 
     from megatron_tokweight import cli
-    from megatron_tokweight.prepare import prepare_jsonl
-    from megatron_tokweight.train import TrainConfig, make_groups, plan_run, train_on_rank
+    from megatron_tokweight.data.prepare import prepare_jsonl
+    from megatron_tokweight.trainer.config import TrainConfig
+    from megatron_tokweight.trainer.loop import train_on_rank
+    from megatron_tokweight.trainer.micro_batches import make_groups
+    from megatron_tokweight.trainer.plan import plan_run
 
     root = tmp_path_factory.mktemp("kv")
     rng = random.Random(0)
@@ -83,11 +86,16 @@ def trained(tmp_path_factory):
 
 
 def eval_rows(root, config=None):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from torch.utils.data import default_collate
 
+    from megatron_tokweight.data.packed_dataset import (
+        PackedDataset,
+        PackedDatasetConfig,
+    )
     from megatron_tokweight.longcontext.score_sidecar import ScoredRows, TokenScores
-    from megatron_tokweight.packed_dataset import PackedDataset, PackedDatasetConfig
 
     data_config = PackedDatasetConfig(random_seed=1, blend=([str(root / "eval")], None), split="1,0,0",
                                       sequence_length=SEQ, path_to_cache=str(root / "cache"))
@@ -125,7 +133,11 @@ def test_retrieval_is_learned_and_dense_weights_single_out_the_values(trained):
     per_piece = weights.sum() / batch["loss_mask"].sum()
     assert per_piece == pytest.approx(1.0, abs=1e-4)
     # lambda is the uniform floor: the contrast shrinks as it grows, never reverses
-    from megatron_tokweight.longcontext import dense_weights, helm_scores, segment_ids_from_cu_seqlens
+    from megatron_tokweight.longcontext import (
+        dense_weights,
+        helm_scores,
+        segment_ids_from_cu_seqlens,
+    )
 
     scores = helm_scores(batch["short_logprobs"], batch["long_logprobs"])
     segments = segment_ids_from_cu_seqlens(batch["cu_seqlens_padded"], batch["num_segments"], SEQ)
@@ -140,7 +152,10 @@ def test_retrieval_is_learned_and_dense_weights_single_out_the_values(trained):
 
 def test_sparse_weights_select_the_values_and_the_online_scorer_agrees(trained):
     from megatron_tokweight.longcontext import LongContextConfig
-    from megatron_tokweight.longcontext.scorer_offline import load_scorer, open_checkpoint
+    from megatron_tokweight.longcontext.scorer_offline import (
+        load_scorer,
+        open_checkpoint,
+    )
     from megatron_tokweight.longcontext.scorer_online import OnlineScorer
 
     root, plan = trained

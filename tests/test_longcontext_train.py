@@ -3,7 +3,7 @@ scores of `tokweight score`, the checkpoint's recorded vocabulary, the Megatron-
 
 References are independent of the scorers: every piece of a packed row (and every short-context
 window of the formula) runs alone through the model, the log-probabilities come from
-`torch.log_softmax`, the weights from DESIGN.md section 2 in plain Python, and the loss is
+`torch.log_softmax`, the weights from docs/CONTRACTS.md section 2 in plain Python, and the loss is
 sum w l / Z with Z counted from the rows.
 """
 import json
@@ -32,7 +32,7 @@ FROZEN = dict(ONLINE, scorer="frozen")
 
 def run_alone(model, tokens, positions):
     """log-softmax [n, V] (float64) of `tokens` run as one sequence of their own."""
-    from megatron_tokweight.model import packed_logits
+    from megatron_tokweight.model.gpt import packed_logits
 
     n = len(tokens)
     cu = torch.tensor([0, n], dtype=torch.int32)
@@ -139,7 +139,7 @@ def write_texts(path, count, seed):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.data.prepare import prepare_jsonl
 
     root = tmp_path_factory.mktemp("lc-train")
     prepare_jsonl(write_texts(root / "train.jsonl", 60, 0), root / "train")
@@ -147,7 +147,7 @@ def data(tmp_path_factory):
 
 
 def train_config(root, mode="weight_sum", long_context=None, steps=2, save=None, seed=5):
-    from megatron_tokweight.train import TrainConfig
+    from megatron_tokweight.trainer.config import TrainConfig
 
     return TrainConfig.from_dict({
         "data": {"prefixes": [str(root / "train")], "seq_length": SEQ},
@@ -161,7 +161,9 @@ def train_config(root, mode="weight_sum", long_context=None, steps=2, save=None,
 
 
 def train(config, group):
-    from megatron_tokweight.train import make_groups, plan_run, train_on_rank
+    from megatron_tokweight.trainer.loop import train_on_rank
+    from megatron_tokweight.trainer.micro_batches import make_groups
+    from megatron_tokweight.trainer.plan import plan_run
 
     plan = plan_run(config)
     return plan, train_on_rank(plan, 0, make_groups(0, 1, 1))
@@ -171,7 +173,7 @@ def step_rows(root, step):
     """The collated micro-batches step `step` (0-based) trains on: rows step*4 + m*2 + (0, 1)."""
     from torch.utils.data import default_collate
 
-    from megatron_tokweight.train import build_datasets
+    from megatron_tokweight.trainer.plan import build_datasets
 
     dataset = build_datasets(train_config(root, steps=3))[0]  # no long_context: the plain rows
     return [default_collate([dataset[step * 4 + m * 2 + i] for i in range(2)]) for m in range(2)]
@@ -179,8 +181,8 @@ def step_rows(root, step):
 
 def load_model(plan, path=None, seed=5):
     """The run's model: initial (seed) or a checkpoint's parameters."""
-    from megatron_tokweight.model import build_gpt_model
-    from megatron_tokweight.train import make_groups
+    from megatron_tokweight.model.gpt import build_gpt_model
+    from megatron_tokweight.trainer.micro_batches import make_groups
 
     torch.manual_seed(seed)
     model = build_gpt_model(plan.config.model_config(plan.vocab_size), tp_group=make_groups(0, 1, 1).tp)
@@ -228,10 +230,14 @@ def test_online_weights_in_the_loss_equal_an_independent_recomputation(data, onl
 def test_scoring_leaves_rng_dropout_and_gradients_alone(data, group):
     """The scorer runs under no_grad in eval mode and restores the RNG: a step with dropout draws
     the same masks whether it scored first or not."""
+    from megatron_tokweight.data.thd_batch import flatten_rows
     from megatron_tokweight.longcontext import LongContextConfig
     from megatron_tokweight.longcontext.scorer_online import step_scorer
-    from megatron_tokweight.model import ModelConfig, build_gpt_model, packed_token_loss
-    from megatron_tokweight.megatron.batch import flatten_rows
+    from megatron_tokweight.model.gpt import (
+        ModelConfig,
+        build_gpt_model,
+        packed_token_loss,
+    )
 
     torch.manual_seed(0)
     model = build_gpt_model(ModelConfig(vocab_size=262, seq_length=SEQ, hidden_dropout=0.3, attention_dropout=0.3,
@@ -257,7 +263,8 @@ def test_long_context_config_section_and_overrides(data, tmp_path, capsys):
     import yaml
 
     from megatron_tokweight.cli import build_parser, main
-    from megatron_tokweight.train import TrainConfig, config_from_args
+    from megatron_tokweight.cli.train import config_from_args
+    from megatron_tokweight.trainer.config import TrainConfig
 
     raw = {"data": {"prefixes": [str(data / "train")], "seq_length": SEQ}, "model": MODEL, "steps": 1,
            "long_context": {"method": "sparse", "kappa": 0.5, "n": N_SHORT, "stride": STRIDE}}
@@ -301,9 +308,12 @@ def scored(data, online_runs, group):
     """`tokweight score` of the training prefix with the weight_sum run's last checkpoint: its checks
     and its rank function, in this process (a spawn costs seconds; tests/test_longcontext.py runs
     the command itself)."""
-    from megatron_tokweight.longcontext.score_cli import _score_rank
-    from megatron_tokweight.longcontext.scorer_offline import check_scorer_matches_data, open_checkpoint
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.cli.score import _score_rank
+    from megatron_tokweight.data.sidecar import read_sidecar
+    from megatron_tokweight.longcontext.scorer_offline import (
+        check_scorer_matches_data,
+        open_checkpoint,
+    )
 
     _, _, save = online_runs["weight_sum"]
     prefix = str(data / "train")
@@ -319,7 +329,7 @@ def scored(data, online_runs, group):
 def sidecar_row_values(prefix, rows, name):
     """Label-aligned sidecar values [b, L] read straight from the .npy: every piece here is a whole
     sample, so position p of a piece at offset o predicts token p - o + 1 of its sample."""
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.data.sidecar import read_sidecar
 
     values = np.load(os.path.join(f"{prefix}.tokweight", "longcontext", f"{name}.npy"))
     lengths = np.asarray(read_sidecar(prefix).lengths, dtype=np.int64)
@@ -337,7 +347,10 @@ def sidecar_row_values(prefix, rows, name):
 
 
 def test_frozen_scores_are_read_and_weight_the_loss(data, scored, group):
-    from megatron_tokweight.longcontext.scorer_offline import load_scorer, open_checkpoint
+    from megatron_tokweight.longcontext.scorer_offline import (
+        load_scorer,
+        open_checkpoint,
+    )
 
     prefix = str(data / "train")
     plan, result = train(train_config(data, "weight_sum", FROZEN, steps=1), group)
@@ -381,8 +394,9 @@ def test_frozen_rho1_scores_the_trained_model_against_the_sidecar(data, scored, 
 
 
 def test_frozen_errors_before_training(data, scored, tmp_path):
-    from megatron_tokweight.prepare import prepare_jsonl
-    from megatron_tokweight.train import TrainConfig, plan_run
+    from megatron_tokweight.data.prepare import prepare_jsonl
+    from megatron_tokweight.trainer.config import TrainConfig
+    from megatron_tokweight.trainer.plan import plan_run
 
     # scores for another short context than the config asks for
     with pytest.raises(ConfigError, match=r"scored with short_context, stride = \(8, 4\).*asks for \(16, 4\)"):
@@ -412,11 +426,15 @@ def build_hf_tokenizer(path, vocab_size):
 
 
 def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(data, scored, tmp_path, capsys):
-    from megatron_tokweight import checkpoint, cli
-    from megatron_tokweight.longcontext.scorer_offline import check_scorer_matches_data, open_checkpoint
-    from megatron_tokweight.prepare import prepare_jsonl
-    from megatron_tokweight.sidecar import read_sidecar
-    from megatron_tokweight.tokenizer import ByteTokenizer
+    from megatron_tokweight import cli
+    from megatron_tokweight.data.prepare import prepare_jsonl
+    from megatron_tokweight.data.sidecar import read_sidecar
+    from megatron_tokweight.data.tokenizer import ByteTokenizer, tokenizer_differences
+    from megatron_tokweight.longcontext.scorer_offline import (
+        check_scorer_matches_data,
+        open_checkpoint,
+    )
+    from megatron_tokweight.model import checkpoint
 
     meta = checkpoint.read_meta(str(scored))
     assert meta.vocab_size == 262 and meta.tokenizer == ByteTokenizer().spec()
@@ -436,7 +454,7 @@ def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(
     with pytest.raises(ConfigError, match="tokenizer.kind: checkpoint 'byte', data 'hf'"):
         check_scorer_matches_data(ckpt, str(tmp_path / "hf"), dict(spec, vocab_size=262))
     # the same tokenizer.json copied elsewhere is the same tokenizer (the path is not compared)
-    assert checkpoint.tokenizer_differences(spec, dict(spec, path="/elsewhere/tokenizer.json")) == []
+    assert tokenizer_differences(spec, dict(spec, path="/elsewhere/tokenizer.json")) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,38 +479,44 @@ def megatron_args(argv):
 
 
 def test_megatron_long_context_flags(tmp_path):
-    from megatron_tokweight.longcontext import LongContextConfig
+    from megatron_tokweight.megatron.arguments import long_context_config_from_args
 
-    assert LongContextConfig.from_args(megatron_args([])) is None  # off unless asked for
+    assert long_context_config_from_args(megatron_args([])) is None  # off unless asked for
     path = tmp_path / "lc.yaml"
     path.write_text("method: sparse\nkappa: 0.5\nlam: 0.3\nn: 16\nstride: 8\n")
-    config = LongContextConfig.from_args(megatron_args(
+    config = long_context_config_from_args(megatron_args(
         ["--long-context-config", str(path), "--long-context-lambda", "0.9", "--long-context-scorer", "unfrozen"]))
     assert (config.method, config.kappa, config.lam, config.short_context, config.stride, config.scorer) == (
         "sparse", 0.5, 0.9, 16, 8, "unfrozen")
-    assert LongContextConfig.from_args(megatron_args(["--long-context-method", "longce"])).gamma == 5.0
+    assert long_context_config_from_args(megatron_args(["--long-context-method", "longce"])).gamma == 5.0
     with pytest.raises(ConfigError, match="--long-context-\\* flags: long_context.stride must lie in"):
-        LongContextConfig.from_args(megatron_args(["--long-context-short-context", "4", "--long-context-stride", "5"]))
+        long_context_config_from_args(megatron_args(["--long-context-short-context", "4", "--long-context-stride", "5"]))
     path.write_text("method: dense\nlamda: 0.3\n")
     with pytest.raises(ConfigError, match="lc.yaml and --long-context-\\* flags: long_context: unknown key 'lamda'"):
-        LongContextConfig.from_args(megatron_args(["--long-context-config", str(path)]))
+        long_context_config_from_args(megatron_args(["--long-context-config", str(path)]))
     with pytest.raises(SystemExit):
         megatron_args(["--long-context-method", "helm"])
 
 
 def test_megatron_frozen_datasets_carry_the_scores(data, scored):
-    from megatron_tokweight.longcontext import LongContextConfig
-    from megatron_tokweight.longcontext.score_sidecar import ScoredRows, TokenScores
-    from megatron_tokweight.megatron.datasets_provider import packed_dataset_config_from_args
-    from megatron_tokweight.packed_dataset import build_packed_datasets
+    from megatron_tokweight.data.packed_dataset import build_packed_datasets
+    from megatron_tokweight.longcontext.score_sidecar import (
+        ScoredRows,
+        TokenScores,
+        with_scores,
+    )
+    from megatron_tokweight.megatron.arguments import long_context_config_from_args
+    from megatron_tokweight.megatron.datasets_provider import (
+        packed_dataset_config_from_args,
+    )
 
     prefix = str(data / "train")
     args = megatron_args(["--data-path", "1", prefix, "1", prefix, "--split", "1,0,0", "--seq-length", str(SEQ),
                           "--long-context-method", "sparse", "--long-context-kappa", "0.5",
                           "--long-context-short-context", str(N_SHORT), "--long-context-stride", str(STRIDE)])
     config = packed_dataset_config_from_args(args)
-    lc = LongContextConfig.from_args(args)
-    blend = build_packed_datasets(config, [8, 0, 0], long_context=lc)[0]
+    lc = long_context_config_from_args(args)
+    blend = with_scores(build_packed_datasets(config, [8, 0, 0]), lc)[0]
     plain = build_packed_datasets(config, [8, 0, 0])[0]
     assert all(isinstance(member, ScoredRows) for member in blend.datasets)
     for i in range(8):
@@ -510,7 +534,10 @@ def test_megatron_online_hooks_on_one_rank(data, online_runs, group):
     from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.loss import reduce_reports
     from megatron_tokweight.megatron.steps import TokweightSteps
-    from megatron_tokweight.schedule import ScheduleConfig, forward_backward
+    from megatron_tokweight.trainer.forward_backward import (
+        ScheduleConfig,
+        forward_backward,
+    )
 
     plan, _, save = online_runs["weight_sum"]
     model = load_model(plan, save / "step_0000002")

@@ -3,7 +3,7 @@
 ONE spawn of 8 gloo ranks runs the whole matrix: a small Megatron-Core model whose embedding
 (`VocabParallelEmbedding`) and output layer (`ColumnParallelLinear`, gather_output=False) are
 sharded over an explicitly passed TP group, with a replicated tanh hidden layer between, trained
-one step through `megatron_tokweight.schedule.forward_backward` (Megatron's loss protocol) with
+one step through `megatron_tokweight.trainer.forward_backward.forward_backward` (Megatron's loss protocol) with
 `make_loss_func`, for
 
     TP in {1, 2, 4} x DP in {1, 2} x micro-batches M in {1, 3}, plus CP = 2 at the loss level
@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_tokweight.distributed import spawn
+from megatron_tokweight.trainer.spawn import spawn
 
 VOCAB, HIDDEN, SEQ, ROWS, PAD = 16, 8, 12, 6, 0
 TASKS, DATASETS = ("caption", "qa"), ("mix_a", "mix_b")
@@ -148,7 +148,10 @@ class TinyModel(torch.nn.Module):
     def __init__(self, tp_group, weights):
         super().__init__()
         from megatron.core import ModelParallelConfig
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+        from megatron.core.tensor_parallel.layers import (
+            ColumnParallelLinear,
+            VocabParallelEmbedding,
+        )
 
         tp, tp_rank = tp_group.size(), tp_group.rank()
         config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=False)
@@ -192,8 +195,16 @@ def _matrix_rank(rank, world_size):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_tokweight.loss import GlobalBatchStats, LossSettings, cross_entropy_path, reduce_reports
-    from megatron_tokweight.schedule import ScheduleConfig, forward_backward
+    from megatron_tokweight.loss import (
+        GlobalBatchStats,
+        LossSettings,
+        cross_entropy_path,
+        reduce_reports,
+    )
+    from megatron_tokweight.trainer.forward_backward import (
+        ScheduleConfig,
+        forward_backward,
+    )
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, create_gloo_process_groups=False)
     groups = {}

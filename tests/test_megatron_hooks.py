@@ -13,14 +13,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from megatron_tokweight.errors import DataFormatError
-from megatron_tokweight.megatron.batch import (
-    broadcast_batch,
+from megatron_tokweight.data.thd_batch import (
     flatten_rows,
-    get_batch,
     slice_for_context_parallel,
     thd_partition_indices,
 )
+from megatron_tokweight.errors import DataFormatError
+from megatron_tokweight.megatron.batch import broadcast_batch, get_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,7 +237,7 @@ def write_prefixes(directory):
     """Two prepared prefixes: captions and answers, of varied lengths (byte tokenizer)."""
     import json
 
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.data.prepare import prepare_jsonl
 
     prefixes = []
     for name, task in (("captions", "caption"), ("answers", "qa")):
@@ -253,8 +252,12 @@ def write_prefixes(directory):
 
 
 def test_args_round_trip_into_the_dataset_config(tmp_path):
-    from megatron_tokweight.megatron.datasets_provider import packed_dataset_config_from_args, report_names
-    from megatron_tokweight.packed_dataset import build_packed_datasets
+    from megatron_tokweight.data.packed_dataset import build_packed_datasets
+    from megatron_tokweight.megatron.arguments import weighting_config_from_args
+    from megatron_tokweight.megatron.datasets_provider import (
+        packed_dataset_config_from_args,
+        report_names,
+    )
     from megatron_tokweight.weighting import WeightingConfig
 
     prefixes = write_prefixes(tmp_path)
@@ -273,7 +276,7 @@ def test_args_round_trip_into_the_dataset_config(tmp_path):
     again = megatron_args(["--seq-length", "40", "--data-path", prefixes[0], "--token-weighting-preset", "molmo2",
                            *sum((["--token-weighting-task-rule", r] for r in config.weighting.to_dict()["task_rules"]), []),
                            "--loss-normalization", config.weighting.normalization])
-    assert WeightingConfig.from_args(again) == config.weighting
+    assert weighting_config_from_args(again) == config.weighting
     # unset packing flags keep PackedDatasetConfig's defaults
     plain = packed_dataset_config_from_args(megatron_args(["--seq-length", "40", "--data-path", prefixes[1]]))
     assert (plain.pack_algorithm, plain.overlong, plain.split) == ("bfd", "truncate", "969, 30, 1")
@@ -306,9 +309,9 @@ def test_args_round_trip_into_the_dataset_config(tmp_path):
 
 
 def test_vocab_check_names_the_flag_to_use(tmp_path):
+    from megatron_tokweight.data.sidecar import read_sidecar
     from megatron_tokweight.errors import ConfigError
     from megatron_tokweight.megatron.datasets_provider import check_vocab_size
-    from megatron_tokweight.sidecar import read_sidecar
 
     prefix = write_prefixes(tmp_path)[0]
     vocab = read_sidecar(prefix).tokenizer["vocab_size"]
@@ -421,7 +424,11 @@ def _case_cp(rank):
 
 
 def _case_prefetcher(rank, layout):
-    from megatron_tokweight.megatron.prefetch import STATS_KEY, GlobalBatchPrefetcher, decode_stats
+    from megatron_tokweight.megatron.prefetch import (
+        STATS_KEY,
+        GlobalBatchPrefetcher,
+        decode_stats,
+    )
 
     reader, cp_size, cp_rank = (rank, 1, 0) if layout == "dp" else (0, 2, rank)
     source = CountingIterator([prefetch_rows(reader, step, m) for step in range(2) for m in range(M)])
@@ -453,7 +460,7 @@ def _reference(train, model_config, rank):
     (plain references of tests/test_longcontext_train.py: every piece and window run alone)."""
     from test_longcontext_train import plain_dense, plain_logprobs
 
-    from megatron_tokweight.model import ModelConfig, build_gpt_model, row_logits
+    from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model, row_logits
 
     torch.manual_seed(5)
     model = build_gpt_model(ModelConfig(**model_config), tp_group=dist.new_group([rank], use_local_synchronization=True))
@@ -496,17 +503,28 @@ def _hook_with_args(args):
 
 def _case_forward_step(rank, prefix, cache):
     from megatron.core import parallel_state
-    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator, init_num_microbatches_calculator
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        init_num_microbatches_calculator,
+    )
 
+    from megatron_tokweight.data.packed_dataset import build_packed_datasets
+    from megatron_tokweight.data.sidecar import read_sidecar
     from megatron_tokweight.longcontext import LongContextConfig
     from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.loss import reduce_reports
-    from megatron_tokweight.megatron.datasets_provider import packed_dataset_config_from_args
-    from megatron_tokweight.packed_dataset import build_packed_datasets
-    from megatron_tokweight.megatron.steps import TokweightSteps, steps_from_megatron_args
-    from megatron_tokweight.model import ModelConfig, build_gpt_model
-    from megatron_tokweight.schedule import ScheduleConfig, forward_backward
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.megatron.datasets_provider import (
+        packed_dataset_config_from_args,
+    )
+    from megatron_tokweight.megatron.steps import (
+        TokweightSteps,
+        steps_from_megatron_args,
+    )
+    from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model
+    from megatron_tokweight.trainer.forward_backward import (
+        ScheduleConfig,
+        forward_backward,
+    )
 
     argv = ["--data-path", prefix, "--split", "1,0,0", "--seq-length", "32", "--seed", "3", "--data-cache-path", cache,
             "--micro-batch-size", str(MBS), "--token-weighting-preset", "molmo2"]
@@ -585,7 +603,7 @@ def reference_stats(rows_list, num_tasks, num_datasets):
 
 @pytest.mark.distributed
 def test_hooks_on_two_gloo_ranks(tmp_path):
-    from megatron_tokweight.distributed import spawn
+    from megatron_tokweight.trainer.spawn import spawn
 
     prefix = write_prefixes(tmp_path)[1]
     results = spawn(_hooks_rank, 2, prefix, str(tmp_path / "cache"))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from megatron_tokweight.distributed import spawn
 from megatron_tokweight.errors import ConfigError
-from megatron_tokweight.model import ModelConfig
+from megatron_tokweight.model.gpt import ModelConfig
+from megatron_tokweight.trainer.spawn import spawn
 
 L = 24
 # row 0: samples of 5, 9 and 6 tokens, then 4 padding tokens (one tail segment); row 1: 11 + 13
@@ -46,7 +46,8 @@ def single_row_batch(tokens):
 def _model_case(rank, world_size):
     import torch.distributed as dist
 
-    from megatron_tokweight.model import build_gpt_model, row_logits as packed_logits
+    from megatron_tokweight.model.gpt import build_gpt_model
+    from megatron_tokweight.model.gpt import row_logits as packed_logits
 
     tp2_group = dist.new_group(list(range(world_size)))
     tp1_group = dist.new_group([rank], use_local_synchronization=True)
@@ -93,8 +94,8 @@ def _model_case(rank, world_size):
     full = torch.cat(shards, dim=-1)
     result["tp2_vs_tp1"] = float((full - result["tp1"]["logits"]).abs().max())
     # the model's loss (labels given) = plain torch cross-entropy on the full logits, at both TP sizes
-    from megatron_tokweight.megatron.batch import flatten_rows
-    from megatron_tokweight.model import packed_token_loss
+    from megatron_tokweight.data.thd_batch import flatten_rows
+    from megatron_tokweight.model.gpt import packed_token_loss
 
     labels = torch.randint(0, 250, batch["tokens"].shape, generator=torch.Generator().manual_seed(9))
     flat = flatten_rows({**batch, "labels": labels})

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from megatron_tokweight.cli import main
+from megatron_tokweight.data.pack_report import pack_prefix
 from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.pack_report import pack_prefix
 
 L = 48
 
 
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory):
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.data.prepare import prepare_jsonl
 
     root = tmp_path_factory.mktemp("pack_cli")
     rng = np.random.default_rng(3)
@@ -56,8 +56,8 @@ def targets_by_hand(lengths, spans_of, seq_length, overlong):
 @pytest.mark.parametrize("overlong", ["truncate", "split", "drop"])
 @pytest.mark.parametrize("algorithm", ["bfd", "ffd", "next-fit"])
 def test_json_report(capsys, prefix, algorithm, overlong):
-    from megatron_tokweight.packing import pack_lengths
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.data.packing import pack_lengths
+    from megatron_tokweight.data.sidecar import read_sidecar
 
     code, out, _ = run_cli(capsys, prefix, "--seq-length", str(L), "--algorithm", algorithm, "--overlong", overlong,
                            "--json")

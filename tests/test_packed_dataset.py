@@ -15,9 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_tokweight.data.pack_index import build_pack_index, trained_targets
+from megatron_tokweight.data.row_gather import RowGather
+from megatron_tokweight.data.sidecar import write_sidecar
+from megatron_tokweight.data.sidecar_builder import SampleMetadataBuilder
 from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.rows import RowGather, build_pack_index, trained_targets
-from megatron_tokweight.sidecar import SampleMetadataBuilder, write_sidecar
 
 PAD = 0
 KINDS = ("answer", "reasoning")
@@ -120,7 +122,7 @@ def rebuilt_buffer(prefix):
     """Every sample read through Megatron's IndexedDataset, concatenated, with element pointers."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.data.sidecar import read_sidecar
 
     indexed = IndexedDataset(prefix)
     parts = [np.asarray(indexed[i], dtype=np.int64) for i in range(len(indexed))]
@@ -139,7 +141,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_config(prefixes, cache, weights=None, split="8,2,0", seed=1234, **kwargs):
-    from megatron_tokweight.packed_dataset import PackedDatasetConfig
+    from megatron_tokweight.data.packed_dataset import PackedDatasetConfig
 
     kwargs.setdefault("sequence_length", 64)
     return PackedDatasetConfig(random_seed=seed, blend=(list(prefixes), weights), split=split,
@@ -147,9 +149,11 @@ def make_config(prefixes, cache, weights=None, split="8,2,0", seed=1234, **kwarg
 
 
 def build(config, sizes=(None, None, None)):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
 
-    from megatron_tokweight.packed_dataset import PackedDataset
+    from megatron_tokweight.data.packed_dataset import PackedDataset
 
     return BlendedMegatronDatasetBuilder(PackedDataset, list(sizes), lambda: True, config).build()
 
@@ -481,7 +485,7 @@ def test_cache_built_once_reused_and_keyed(data_dir, tmp_path):
 def test_concurrent_builders_build_once(data_dir, tmp_path, monkeypatch):
     import time
 
-    from megatron_tokweight.packed_dataset import PackedDataset
+    from megatron_tokweight.data.packed_dataset import PackedDataset
 
     build_and_save = PackedDataset._build_and_save
 
@@ -516,7 +520,7 @@ def _construct_on_rank(rank, world_size, prefix, cache):
     import torch.distributed as dist
     from megatron.core.datasets.utils import Split
 
-    from megatron_tokweight.packed_dataset import PackedDataset
+    from megatron_tokweight.data.packed_dataset import PackedDataset
 
     build_and_save = PackedDataset._build_and_save
 
@@ -538,7 +542,7 @@ def _construct_on_rank(rank, world_size, prefix, cache):
 def test_concurrent_processes_build_once(data_dir, tmp_path):
     """Three processes sharing one cache: the file lock lets one build, the others map its
     files; all read the same index, the one a lone build gives."""
-    from megatron_tokweight.distributed import spawn
+    from megatron_tokweight.trainer.spawn import spawn
 
     prefix = str(data_dir / "b")
     results = spawn(_construct_on_rank, 3, prefix, str(tmp_path / "cache"))
@@ -575,7 +579,7 @@ def test_config_validation(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="pad_id"):
         make_config([prefix], tmp_path, pad_id=500)
     with pytest.raises(ConfigError, match="needs data"):
-        from megatron_tokweight.packed_dataset import PackedDatasetConfig
+        from megatron_tokweight.data.packed_dataset import PackedDatasetConfig
 
         PackedDatasetConfig(random_seed=1, sequence_length=64)
     with pytest.raises(DataFormatError, match="no sidecar"):

@@ -4,10 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_tokweight import _packing
+from megatron_tokweight.data import _packing
+from megatron_tokweight.data.packing import (
+    ALGORITHMS,
+    OVERLONG_POLICIES,
+    PackResult,
+    pack_lengths,
+)
 from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.packing import ALGORITHMS, OVERLONG_POLICIES, PackResult, pack_lengths
-
 
 # ---------------------------------------------------------------- plain-Python references
 

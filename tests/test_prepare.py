@@ -4,15 +4,19 @@ import os
 
 import numpy as np
 import pytest
+from test_tokenizer import build_hf_tokenizer
 
 from megatron_tokweight import cli
+from megatron_tokweight.data.indexed_validation import validate_against_indexed_dataset
+from megatron_tokweight.data.jsonl_shapes import JsonlFields, JsonlReader, encode_record
+from megatron_tokweight.data.prepare import prepare_jsonl, token_dtype_for
+from megatron_tokweight.data.sources.gsm8k import (
+    ANSWER_TASK,
+    SOLUTION_TASK,
+    write_gsm8k_two_task_jsonl,
+)
+from megatron_tokweight.data.tokenizer import ByteTokenizer, load_tokenizer
 from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.gsm8k import ANSWER_TASK, SOLUTION_TASK, write_gsm8k_two_task_jsonl
-from megatron_tokweight.jsonl import JsonlFields, JsonlReader, encode_record
-from megatron_tokweight.prepare import prepare_jsonl, token_dtype_for
-from megatron_tokweight.sidecar import validate_against_indexed_dataset
-from megatron_tokweight.tokenizer import ByteTokenizer, load_tokenizer
-from test_tokenizer import build_hf_tokenizer
 
 # the byte tokenizer's documented special ids
 PAD, EOT, BOS, SYS, USER, ASSIST = 256, 257, 258, 259, 260, 261

@@ -6,17 +6,17 @@ import os
 import numpy as np
 import pytest
 
-from megatron_tokweight.errors import DataFormatError
-from megatron_tokweight.sidecar import (
+from megatron_tokweight.data.indexed_validation import validate_against_indexed_dataset
+from megatron_tokweight.data.sidecar import (
     SampleMetadata,
-    SampleMetadataBuilder,
     count_targets,
     read_sidecar,
     sidecar_dir,
-    validate_against_indexed_dataset,
     write_sidecar,
 )
-from megatron_tokweight.tokenizer import ByteTokenizer
+from megatron_tokweight.data.sidecar_builder import SampleMetadataBuilder
+from megatron_tokweight.data.tokenizer import ByteTokenizer
+from megatron_tokweight.errors import DataFormatError
 
 
 def hand_metadata(**changes) -> SampleMetadata:

@@ -3,8 +3,13 @@ import json
 
 import pytest
 
+from megatron_tokweight.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    load_tokenizer,
+    parse_specials,
+)
 from megatron_tokweight.errors import ConfigError
-from megatron_tokweight.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, parse_specials
 
 TEXTS = ["", "hello world", "héllo — ✓ 日本語 🙂", "line\nbreak\ttab  spaces", "#### 72"]
 

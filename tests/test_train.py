@@ -1,23 +1,24 @@
 """`tokweight train`: loss falls, resume == uninterrupted, config errors before any work."""
 import json
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 import torch
 import yaml
 
 from megatron_tokweight.errors import ConfigError, TokweightError
-from megatron_tokweight.train import TrainConfig, plan_run
+from megatron_tokweight.trainer.config import TrainConfig
+from megatron_tokweight.trainer.plan import plan_run
 
 SEQ = 256
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from megatron_tokweight.demo_corpus import CorpusConfig, write_corpus
-    from megatron_tokweight.prepare import prepare_jsonl
+    from megatron_tokweight.data.prepare import prepare_jsonl
+    from megatron_tokweight.data.sources.demo_corpus import CorpusConfig, write_corpus
 
     root = tmp_path_factory.mktemp("train-data")
     paths = write_corpus(root / "corpus", CorpusConfig(num_train=300, num_eval=40, seed=7))
@@ -55,14 +56,15 @@ def checkpoint_params(save_dir, step, rank):
 
 
 def _runs_on_rank(rank, world_size, plans):
-    from megatron_tokweight.train import make_groups, train_on_rank
+    from megatron_tokweight.trainer.loop import train_on_rank
+    from megatron_tokweight.trainer.micro_batches import make_groups
 
     groups = make_groups(rank, world_size, 1)
     return [train_on_rank(plan, rank, groups) for plan in plans]
 
 
 def test_training_loss_falls_and_resume_is_exact(data_dir, tmp_path):
-    from megatron_tokweight.distributed import spawn
+    from megatron_tokweight.trainer.spawn import spawn
 
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
     configs = [
@@ -135,7 +137,7 @@ def test_config_errors_before_any_work(data_dir, tmp_path):
 
 def test_cli_yaml_overrides_and_error_exit(data_dir, tmp_path, capsys):
     from megatron_tokweight.cli import main
-    from megatron_tokweight.train import config_from_args
+    from megatron_tokweight.cli.train import config_from_args
 
     path = tmp_path / "run.yaml"
     raw = config_dict(data_dir)
@@ -182,7 +184,7 @@ def test_cli_train_end_to_end(data_dir, tmp_path):
 
 
 def test_blend_task_ids_map_to_the_run_names():
-    from megatron_tokweight.train import _global_task_ids, dataset_names
+    from megatron_tokweight.trainer.micro_batches import _global_task_ids, dataset_names
 
     # prefix 0 numbers its tasks (a, b), prefix 1 (b, c): the run's names are (a, b, c)
     tables = [[0, 1], [1, 2]]

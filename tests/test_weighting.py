@@ -11,21 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import megatron_tokweight
-from megatron_tokweight.counting import count_token_ids
 from megatron_tokweight.errors import ConfigError, TokweightError
+from megatron_tokweight.megatron.arguments import (
+    add_weighting_args,
+    weighting_config_from_args,
+)
 from megatron_tokweight.weighting import (
     FrequencyRule,
     TaskRule,
     TaskRuleEntry,
     Weighter,
     WeightingConfig,
-    add_weighting_args,
     format_weight_share,
     frequency_factors,
     sample_weights,
     weight_share_by_task,
 )
-
+from megatron_tokweight.weighting.token_counts import count_token_ids
 
 # ---- plain-Python references --------------------------------------------------------------
 
@@ -240,26 +242,26 @@ def test_config_from_cli_args(tmp_path):
         "--token-weighting-frequency-alpha", "0.5",
         "--token-weighting-span-weight", "answer=2",
     ])
-    config = WeightingConfig.from_args(args)
+    config = weighting_config_from_args(args)
     assert config.preset == "molmo2-released" and config.annotation_exponent == 0.5
     assert [str(e) for e in config.task_rules] == ["*ocr*=constant:0.5", "*=power:3:0.5"]
     assert config.normalization == "token_count" and config.stop_token_ids == {13: 0.25}
     assert config.frequency == FrequencyRule(0.5) and config.span_weights == {"answer": 2.0}
     # nothing given: no preset, uniform weights
-    assert WeightingConfig.from_args(parser.parse_args([])) == WeightingConfig()
+    assert weighting_config_from_args(parser.parse_args([])) == WeightingConfig()
     # flags override the file; the file's explicit fields survive a preset flag
     path = tmp_path / "w.yaml"
     path.write_text("preset: molmo2\ndefault_rule: power:8\nnormalization: sample_count\n")
-    from_file = WeightingConfig.from_args(parser.parse_args(
+    from_file = weighting_config_from_args(parser.parse_args(
         ["--token-weighting-config", str(path), "--token-weighting-preset", "molmo2-released"]))
     assert from_file.default_rule == TaskRule.power(8.0) and from_file.annotation_exponent == 0.5
     assert from_file.normalization == "sample_count"
     with pytest.raises(ConfigError, match=r"command-line flags: task_rules\[0\]: expected 'PATTERN=RULE'"):
-        WeightingConfig.from_args(parser.parse_args(["--token-weighting-task-rule", "caption"]))
+        weighting_config_from_args(parser.parse_args(["--token-weighting-task-rule", "caption"]))
     with pytest.raises(ConfigError, match="--token-weighting-stop-token: expected ID=FACTOR"):
-        WeightingConfig.from_args(parser.parse_args(["--token-weighting-stop-token", "13"]))
+        weighting_config_from_args(parser.parse_args(["--token-weighting-stop-token", "13"]))
     with pytest.raises(ConfigError, match="need --token-weighting-frequency-alpha"):
-        WeightingConfig.from_args(parser.parse_args(["--token-weighting-frequency-hi", "3"]))
+        weighting_config_from_args(parser.parse_args(["--token-weighting-frequency-hi", "3"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--loss-normalization", "mean"])
 

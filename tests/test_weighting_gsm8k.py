@@ -7,14 +7,18 @@ import statistics
 import numpy as np
 import pytest
 
-from megatron_tokweight.gsm8k import ANSWER_TASK, SOLUTION_TASK, write_gsm8k_two_task_jsonl
-from megatron_tokweight.prepare import prepare_jsonl
-from megatron_tokweight.sidecar import read_sidecar
+from megatron_tokweight.data.prepare import prepare_jsonl
+from megatron_tokweight.data.sidecar import read_sidecar
+from megatron_tokweight.data.sources.gsm8k import (
+    ANSWER_TASK,
+    SOLUTION_TASK,
+    write_gsm8k_two_task_jsonl,
+)
 from megatron_tokweight.weighting import (
     Weighter,
     WeightingConfig,
     format_weight_share,
-    weight_share_for_dataset,
+    weight_share_for_metadata,
 )
 
 
@@ -40,7 +44,7 @@ def test_answer_task_share_rises_under_molmo2(gsm8k_prefix):
     meta = read_sidecar(gsm8k_prefix)
     tables = {}
     for scheme in ("uniform", "molmo2", "molmo2-released"):
-        rows, report = weight_share_for_dataset(gsm8k_prefix, scheme)
+        rows, report = weight_share_for_metadata(read_sidecar(gsm8k_prefix), scheme)
         assert report.zero_answer_samples == 0
         tables[scheme] = {row.task: row for row in rows}
         print("\n" + format_weight_share(rows, title=f"GSM8K train, two tasks, {scheme} weights"))

@@ -1,4 +1,4 @@
-"""Long-context token weighting (DESIGN.md section 2; Helm, Daheim, Gurevych 2025).
+"""Long-context token weighting (docs/CONTRACTS.md section 2; Helm, Daheim, Gurevych 2025).
 
   config          `LongContextConfig` (method dense|sparse|longce|rho1, scorer frozen|unfrozen)
   scores          the formulas: pure torch functions of per-token log-probabilities

@@ -1,6 +1,6 @@
 """`LongContextConfig`: which long-context token weighting runs, with which scorer and context.
 
-Methods (DESIGN.md section 2; Helm, Daheim, Gurevych 2025 and its family):
+Methods (docs/CONTRACTS.md section 2; Helm, Daheim, Gurevych 2025 and its family):
   dense   w_t = lam + (1 - lam) * N * s_t / sum_seq s,  s_t = |log p_short(t) - log p_long(t)|
   sparse  the top `kappa` fraction of s_t in a training sequence gets 1/kappa, the rest 0
   longce  w_t = min(exp(l_short - l_long), gamma)
@@ -21,11 +21,9 @@ Where the log-probabilities come from in training:
   rho1     (frozen only) the reference's from the sidecar (its full-context `long_logprobs`),
            the trained model's full-context ones before each step
 """
-import argparse
 import math
-import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from megatron_tokweight.errors import ConfigError
 
@@ -33,7 +31,7 @@ METHODS = ("dense", "sparse", "longce", "rho1")
 SCORERS = ("frozen", "unfrozen")
 
 # YAML spellings that are not Python identifiers
-_ALIASES = {"lambda": "lam", "n": "short_context"}
+FIELD_ALIASES = {"lambda": "lam", "n": "short_context"}
 
 
 @dataclass(frozen=True)
@@ -121,11 +119,11 @@ class LongContextConfig:
         known = {f.name for f in fields(cls)}
         values = {}
         for key, value in mapping.items():
-            name = _ALIASES.get(key, key)
+            name = FIELD_ALIASES.get(key, key)
             if name not in known:
                 raise ConfigError(
                     f"long_context: unknown key {key!r}; known keys: "
-                    f"{', '.join(sorted(known | set(_ALIASES)))}"
+                    f"{', '.join(sorted(known | set(FIELD_ALIASES)))}"
                 )
             if name in values:
                 raise ConfigError(f"long_context: {key!r} given twice (as {name!r} and an alias)")
@@ -134,76 +132,6 @@ class LongContextConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Optional["LongContextConfig"]:
-        """From `add_long_context_args`' flags, which override `--long-context-config`'s fields;
-        None when neither the file nor any flag is given (long-context weighting off)."""
-        data = {}
-        path = getattr(args, "long_context_config", None)
-        if path:
-            data = dict(_read_mapping(path))
-        flags = {name: getattr(args, f"long_context_{flag}", None) for flag, name in _FLAG_FIELDS.items()}
-        flags = {name: value for name, value in flags.items() if value is not None}
-        # a flag replaces the file's field, whichever spelling the file used
-        data = {key: value for key, value in data.items() if _ALIASES.get(key, key) not in flags}
-        data.update(flags)
-        if not path and not data:
-            return None
-        try:
-            return cls.from_dict(data)
-        except ConfigError as err:
-            source = f"{path} and --long-context-* flags" if path else "--long-context-* flags"
-            raise ConfigError(f"{source}: {err}") from None
-
-
-# flag --long-context-X (argparse attribute long_context_X) -> field
-_FLAG_FIELDS = {name: name for name in ("method", "scorer", "kappa", "gamma", "k", "short_context", "stride")}
-_FLAG_FIELDS["lambda"] = "lam"
-
-
-def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the long-context weighting flags (Megatron `extra_args_provider` style); returns the parser.
-
-    Any of them (or the file) turns long-context weighting on; unset fields keep
-    `LongContextConfig`'s defaults."""
-    group = parser.add_argument_group("long-context weighting",
-                                      "Helm et al. 2025 / LongCE / Rho-1 token weights (megatron-tokweight)")
-    group.add_argument("--long-context-config", metavar="FILE", default=None,
-                       help="YAML/JSON mapping of long_context fields (method, scorer, lambda, kappa, gamma, k, "
-                            "short_context, stride); the flags below override it")
-    group.add_argument("--long-context-method", choices=METHODS, default=None,
-                       help="dense | sparse (Helm et al.), longce, rho1 (default dense)")
-    group.add_argument("--long-context-scorer", choices=SCORERS, default=None,
-                       help="frozen: scores from `tokweight score` next to each prefix; unfrozen: the trained "
-                            "model scores each global batch under no_grad before the step (needs PP = CP = 1)")
-    group.add_argument("--long-context-lambda", type=float, default=None, metavar="LAMBDA",
-                       help="dense: uniform share of the weight (default 0.75)")
-    group.add_argument("--long-context-kappa", type=float, default=None, help="sparse: kept fraction (default 0.25)")
-    group.add_argument("--long-context-gamma", type=float, default=None, help="longce: weight cap (default 5)")
-    group.add_argument("--long-context-k", type=float, default=None, help="rho1: kept fraction (default 0.6)")
-    group.add_argument("--long-context-short-context", type=int, default=None, metavar="N",
-                       help="tokens the short context keeps at most (default 8192)")
-    group.add_argument("--long-context-stride", type=int, default=None, metavar="S",
-                       help="short-context window advance, 1..N (default 6144)")
-    return parser
-
-
-def _read_mapping(path) -> Mapping:
-    """A YAML (or JSON, a subset of YAML) file holding one mapping."""
-    import yaml
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--long-context-config {path}: file not found")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of long_context fields, got {type(data).__name__}")
-    return data
 
 
 def _real(value: Any, where: str) -> float:

@@ -32,8 +32,8 @@ def scoring_mode(model):
 
 def stream_logprobs(model, batch: dict, tp_group=None) -> torch.Tensor:
     """log p(labels) [T] (fp32, full context) of a flattened THD micro-batch
-    (`megatron.batch.flatten_rows` format: per-token keys [1, T])."""
-    from megatron_tokweight.model import packed_logits
+    (`data.thd_batch.flatten_rows` format: per-token keys [1, T])."""
+    from megatron_tokweight.model.gpt import packed_logits
 
     with scoring_mode(model):
         logits = packed_logits(model, batch)[:, 0]  # [T, v/tp]
@@ -55,7 +55,7 @@ def window_logprobs(
     position predicts). Windows run in packed batches of at most `max_tokens` tokens (a single
     longer window runs alone).
     """
-    from megatron_tokweight.model import packed_logits
+    from megatron_tokweight.model.gpt import packed_logits
 
     flat_tokens = flat_tokens.reshape(-1)
     flat_labels = flat_labels.reshape(-1)

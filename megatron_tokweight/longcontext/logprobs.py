@@ -8,6 +8,8 @@ values. Scores are weights, not a loss: nothing here is differentiated.
 """
 import torch
 
+from megatron_tokweight.common.process_groups import group_rank, group_size
+
 
 @torch.no_grad()
 def target_logprobs(
@@ -24,7 +26,7 @@ def target_logprobs(
         )
     import torch.distributed as dist
 
-    tp_size = 1 if tp_group is None else dist.get_world_size(group=tp_group)
+    tp_size = group_size(tp_group)
     logits = logits.detach().float()
     local_vocab = logits.shape[-1]
     labels = labels.long()
@@ -39,7 +41,7 @@ def target_logprobs(
     from megatron.core.tensor_parallel.utils import VocabUtility
 
     first, last = VocabUtility.vocab_range_from_per_partition_vocab_size(
-        local_vocab, dist.get_rank(group=tp_group), tp_size
+        local_vocab, group_rank(tp_group), tp_size
     )
     maximum = logits.max(dim=-1).values
     dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=tp_group)

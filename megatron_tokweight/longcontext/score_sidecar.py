@@ -17,19 +17,18 @@ a chunk) hold the same value in both files, so their score is exactly 0.
 In a packed row, position p predicts the token after it, so the row value at p is the value of
 the *next* token of the piece (`row_values`); the last position of a piece and padding get 0.
 """
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+from megatron_tokweight.common.files import discard, replace_path, temporary_sibling
+from megatron_tokweight.data.indexed_validation import read_idx_header
+from megatron_tokweight.data.sidecar import lengths_fingerprint, sidecar_dir
 from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.sidecar import read_idx_header, replace_path, sidecar_dir
 
 FORMAT_VERSION = 1
 KIND = "longcontext_logprobs"
@@ -39,12 +38,6 @@ SUBDIR = "longcontext"
 
 def default_scores_dir(prefix) -> str:
     return os.path.join(sidecar_dir(prefix), SUBDIR)
-
-
-def lengths_md5(lengths: np.ndarray) -> str:
-    """Fingerprint of the sample lengths: scores from a re-prepared dataset are caught."""
-    data = np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def bin_token_count(prefix) -> int:
@@ -61,9 +54,8 @@ class ScoreWriter:
 
     def __init__(self, out_dir: str, num_tokens: int, meta: dict):
         self.out_dir = os.fspath(out_dir)
-        parent = os.path.dirname(os.path.abspath(self.out_dir))
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out_dir) + ".tmp-", dir=parent)
+        os.makedirs(os.path.dirname(os.path.abspath(self.out_dir)), exist_ok=True)
+        self.tmp = temporary_sibling(self.out_dir, directory=True)
         self.meta = dict(meta, format_version=FORMAT_VERSION, kind=KIND, num_tokens=int(num_tokens))
         self.arrays = {
             name: np.lib.format.open_memmap(
@@ -94,7 +86,7 @@ class ScoreWriter:
 
     def abort(self) -> None:
         self.arrays = {}
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        discard(self.tmp)
 
 
 @dataclass
@@ -140,10 +132,10 @@ class TokenScores:
                     "the scores belong to another dataset (run `tokweight score` again)"
                 )
             arrays[name] = array
-        from megatron_tokweight.sidecar import read_sidecar
+        from megatron_tokweight.data.sidecar import read_sidecar
 
         lengths = read_sidecar(prefix).lengths
-        if meta.get("lengths_md5") != lengths_md5(lengths):
+        if meta.get("lengths_md5") != lengths_fingerprint(lengths):
             raise DataFormatError(
                 f"{meta_path}: the sample lengths differ from {sidecar_dir(prefix)} (same token count, "
                 "different samples): the dataset was prepared again; run `tokweight score` again"
@@ -207,7 +199,9 @@ class ScoredRows(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         from megatron_tokweight.longcontext.scores import (
-            apply_weights, long_context_weights, segment_ids_from_cu_seqlens,
+            apply_weights,
+            long_context_weights,
+            segment_ids_from_cu_seqlens,
         )
 
         item = self.dataset[idx]
@@ -246,3 +240,11 @@ def attach_scores(dataset, config):
         if not isinstance(member, ScoredRows):
             members[i] = ScoredRows(member, TokenScores.open(member.dataset_path), weights)
     return dataset
+
+
+def with_scores(datasets, config):
+    """`datasets` (a list, as `build_packed_datasets` returns) with the frozen scores attached
+    when `config` (a LongContextConfig or None) reads them (frozen scorer, rho1)."""
+    if config is None or not config.reads_scores:
+        return datasets
+    return [attach_scores(dataset, config) for dataset in datasets]

@@ -17,9 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_tokweight.data.sidecar import lengths_fingerprint
 from megatron_tokweight.errors import ConfigError
 from megatron_tokweight.longcontext.forward import window_logprobs
-from megatron_tokweight.longcontext.score_sidecar import ScoreWriter, default_scores_dir, lengths_md5
+from megatron_tokweight.longcontext.score_sidecar import ScoreWriter, default_scores_dir
 from megatron_tokweight.longcontext.windows import check_window, plan_windows
 
 
@@ -51,7 +52,7 @@ def chunk_bounds(lengths: np.ndarray, seq_length: int):
 
 @dataclass
 class ScorerCheckpoint:
-    """A `tokweight train` checkpoint seen as a frozen scorer (docs: megatron_tokweight.checkpoint)."""
+    """A `tokweight train` checkpoint seen as a frozen scorer (docs: megatron_tokweight.model.checkpoint)."""
 
     path: str  # the step directory
     step: int
@@ -63,13 +64,13 @@ class ScorerCheckpoint:
     tokenizer: Optional[dict] = None
 
     def rank_file(self, tp_rank: int) -> str:
-        from megatron_tokweight.checkpoint import rank_file
+        from megatron_tokweight.model.checkpoint import rank_file
 
         # TP groups are consecutive ranks: data-parallel replica 0 holds ranks 0..tp-1
         return os.path.join(self.path, rank_file(tp_rank))
 
     def model_config(self, vocab_size: int):
-        from megatron_tokweight.model import ModelConfig
+        from megatron_tokweight.model.gpt import ModelConfig
 
         return ModelConfig(vocab_size=vocab_size, seq_length=self.seq_length,
                            tensor_model_parallel_size=self.tp_size, **self.model_fields)
@@ -77,7 +78,7 @@ class ScorerCheckpoint:
 
 def open_checkpoint(path: str) -> ScorerCheckpoint:
     """A save_dir (its `latest` step) or one step directory of `tokweight train`."""
-    from megatron_tokweight import checkpoint
+    from megatron_tokweight.model import checkpoint
 
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, checkpoint.LATEST)):
@@ -113,8 +114,8 @@ def check_scorer_matches_data(ckpt: ScorerCheckpoint, prefix: str, tokenizer: di
     case."""
     import torch
 
-    from megatron_tokweight.checkpoint import tokenizer_differences
-    from megatron_tokweight.sidecar import read_sidecar, sidecar_dir
+    from megatron_tokweight.data.sidecar import read_sidecar, sidecar_dir
+    from megatron_tokweight.data.tokenizer import tokenizer_differences
 
     fix = "prepare the data with the scorer's tokenizer, or score with a checkpoint trained on this one"
     if ckpt.vocab_size is not None and ckpt.vocab_size != tokenizer.get("vocab_size"):
@@ -151,7 +152,7 @@ def load_scorer(ckpt: ScorerCheckpoint, vocab_size: int, tp_group, tp_rank: int)
     """This TP rank's shard of the checkpoint's model, in eval mode."""
     import torch
 
-    from megatron_tokweight.model import build_gpt_model
+    from megatron_tokweight.model.gpt import build_gpt_model
 
     model = build_gpt_model(ckpt.model_config(vocab_size), tp_group=tp_group)
     state = torch.load(ckpt.rank_file(tp_rank), map_location="cpu", weights_only=False)["model"]
@@ -181,7 +182,10 @@ def score_dataset(
     n >= seq_length, seq_length exceeds the model's positions, or the vocabularies differ.
     Every rank of `tp_group` runs the same windows; only ranks with `write` write.
     """
-    from megatron_tokweight.sidecar import read_idx_header, validate_against_indexed_dataset
+    from megatron_tokweight.data.indexed_validation import (
+        read_idx_header,
+        validate_against_indexed_dataset,
+    )
 
     prefix = os.fspath(prefix)
     seq_length = model_seq_length if seq_length is None else int(seq_length)
@@ -203,7 +207,7 @@ def score_dataset(
     meta = dict(
         checkpoint=checkpoint, short_context=int(short_context), stride=int(stride),
         seq_length=seq_length, vocab_size=model_vocab_size, num_samples=len(lengths),
-        lengths_md5=lengths_md5(lengths), first_token_value=0.0,
+        lengths_md5=lengths_fingerprint(lengths), first_token_value=0.0,
     )
     writer = ScoreWriter(out_dir, num_tokens, meta) if write else None
     bar = _progress_bar(num_tokens, progress and write)

@@ -9,7 +9,7 @@ For a micro-batch (collated packed rows or a flattened THD stream), under no_gra
      `loss_weights`.
 Only pieces holding loss tokens are scored. All micro-batches of a step are scored before the
 step's first training forward, so the global normaliser Z can still be computed up front
-(DESIGN.md section 1). rho1 needs the full-context forward only (the reference log-probabilities
+(docs/CONTRACTS.md section 1). rho1 needs the full-context forward only (the reference log-probabilities
 come with the batch).
 
 Devices: the forwards run where the model's parameters are (the batch's model inputs are copied
@@ -29,7 +29,9 @@ from megatron_tokweight.errors import TokweightError
 from megatron_tokweight.longcontext.config import LongContextConfig
 from megatron_tokweight.longcontext.forward import stream_logprobs, window_logprobs
 from megatron_tokweight.longcontext.scores import (
-    apply_weights, long_context_weights, segment_ids_from_cu_seqlens,
+    apply_weights,
+    long_context_weights,
+    segment_ids_from_cu_seqlens,
 )
 from megatron_tokweight.longcontext.windows import plan_windows
 
@@ -47,7 +49,7 @@ def as_stream(batch: dict) -> dict:
     """The micro-batch as one THD stream: collated rows ([b, L], cu_seqlens [b, L+1]) are
     flattened; an already flattened batch ([1, T], 1-D cu_seqlens) is returned as it is."""
     if batch["cu_seqlens"].dim() == 2:
-        from megatron_tokweight.megatron.batch import flatten_rows
+        from megatron_tokweight.data.thd_batch import flatten_rows
 
         return flatten_rows(batch)
     return batch

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from megatron_tokweight.errors import TokweightError
+from megatron_tokweight.weighting.token_weights import compose_token_weights
 
 # tolerance for ceil(fraction * N) so that e.g. 0.3 * 10 keeps 3 tokens, not 4
 _CEIL_SLACK = 1e-9
@@ -181,9 +182,10 @@ def long_context_weights(
 
 
 def apply_weights(loss_weights: torch.Tensor, long_context: torch.Tensor) -> torch.Tensor:
-    """Token weights compose by product: sample/token weights times long-context weights."""
+    """A row's sample/token weights times its long-context weights g_t
+    (`weighting.token_weights.compose_token_weights`, where w_t is defined)."""
     _same_shape(loss_weights=loss_weights, long_context=long_context)
-    return loss_weights * long_context.to(loss_weights.dtype)
+    return compose_token_weights(loss_weights, long_context, ("weight", "long-context weight"))
 
 
 # ---------------------------------------------------------------------------------------------

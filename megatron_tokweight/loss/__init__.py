@@ -18,8 +18,18 @@ from megatron_tokweight.loss.cross_entropy import (
     per_token_cross_entropy,
     weighted_cross_entropy,
 )
-from megatron_tokweight.loss.loss_func import LossSettings, make_loss_func, stock_loss_func, weighted_loss_func
-from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, count_loss_tokens, global_batch_stats
+from megatron_tokweight.loss.loss_func import (
+    LossSettings,
+    make_loss_func,
+    stock_loss_func,
+    weighted_loss_func,
+)
+from megatron_tokweight.loss.normalizer import (
+    GlobalBatchStats,
+    Normalization,
+    count_loss_tokens,
+    global_batch_stats,
+)
 from megatron_tokweight.loss.reporting import micro_batch_report, reduce_reports
 
 __all__ = [

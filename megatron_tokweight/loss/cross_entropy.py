@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from megatron_tokweight.common.process_groups import group_rank, group_size
 from megatron_tokweight.errors import DataFormatError
 from megatron_tokweight.loss import checks
 
@@ -71,11 +72,12 @@ class _ExplicitGroupCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vocab_parallel_logits, target, group):
-        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as steps
+        from megatron.core.tensor_parallel.cross_entropy import (
+            VocabParallelCrossEntropy as steps,
+        )
         from megatron.core.tensor_parallel.utils import VocabUtility
 
-        size = 1 if group is None else torch.distributed.get_world_size(group)
-        rank = 0 if group is None else torch.distributed.get_rank(group)
+        size, rank = group_size(group), group_rank(group)
         logits, logits_max = steps.calculate_logits_max(vocab_parallel_logits)
         if size > 1:
             torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -92,7 +94,9 @@ class _ExplicitGroupCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as steps
+        from megatron.core.tensor_parallel.cross_entropy import (
+            VocabParallelCrossEntropy as steps,
+        )
 
         softmax, target_mask, masked_target_1d = ctx.saved_tensors
         grad_2d, arange_1d, softmax_update, grad_input = steps.prepare_gradient_calculation_operands(softmax, target_mask)
@@ -103,8 +107,8 @@ class _ExplicitGroupCrossEntropy(torch.autograd.Function):
 def _tp_size(tp_group) -> int:
     if tp_group is None:
         group = _megatron_tp_group()
-        return 1 if group is None else torch.distributed.get_world_size(group)
-    return torch.distributed.get_world_size(tp_group)
+        return group_size(group)
+    return group_size(tp_group)
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:

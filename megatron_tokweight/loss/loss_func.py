@@ -33,7 +33,12 @@ import torch
 from megatron_tokweight.errors import ConfigError, DataFormatError
 from megatron_tokweight.loss import checks
 from megatron_tokweight.loss.cross_entropy import apply_token_weights
-from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, count_loss_tokens, global_batch_stats
+from megatron_tokweight.loss.normalizer import (
+    GlobalBatchStats,
+    Normalization,
+    count_loss_tokens,
+    global_batch_stats,
+)
 from megatron_tokweight.loss.reporting import REPORT_LEVELS, micro_batch_report
 
 LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]

@@ -1,4 +1,4 @@
-"""The global normalizer Z of L = sum_G w_t l_t / Z (DESIGN.md section 1).
+"""The global normalizer Z of L = sum_G w_t l_t / Z (docs/CONTRACTS.md section 1).
 
 Z is known from the data before the forward pass: `global_batch_stats` sums this rank's
 micro-batches of the step and makes ONE all-reduce over the DP x CP group (never TP: every TP
@@ -19,12 +19,13 @@ from typing import Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
+from megatron_tokweight.common.process_groups import group_size
 from megatron_tokweight.errors import ConfigError, DataFormatError
 from megatron_tokweight.loss import checks
 
 
 class Normalization(str, enum.Enum):
-    """How Z is chosen (DESIGN.md section 1)."""
+    """How Z is chosen (docs/CONTRACTS.md section 1)."""
 
     WEIGHT_SUM = "weight_sum"  # sum of w_t over the global batch
     SAMPLE_COUNT = "sample_count"  # samples in the global batch
@@ -208,7 +209,7 @@ def global_batch_stats(
         raise ConfigError(f"num_tasks, num_datasets and cp_rank must be >= 0, got {num_tasks}, {num_datasets}, {cp_rank}")
     micro_batches = list(micro_batches)
     vector, structure_error = local_batch_vector(micro_batches, cp_rank=cp_rank, num_tasks=num_tasks, num_datasets=num_datasets)
-    if dp_cp_group is not None and torch.distributed.get_world_size(dp_cp_group) > 1:
+    if group_size(dp_cp_group) > 1:
         torch.distributed.all_reduce(vector, group=dp_cp_group)
     values = vector.tolist()
     if values[_STRUCTURE] or any(values[_BAD_WEIGHTS:_STRUCTURE]):

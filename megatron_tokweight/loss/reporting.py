@@ -30,8 +30,13 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from megatron_tokweight.common.process_groups import group_size
 from megatron_tokweight.errors import DataFormatError
-from megatron_tokweight.loss.normalizer import GlobalBatchStats, Normalization, token_group_ids
+from megatron_tokweight.loss.normalizer import (
+    GlobalBatchStats,
+    Normalization,
+    token_group_ids,
+)
 
 REPORT_LEVELS = ("full", "objective")
 
@@ -191,7 +196,7 @@ def reduce_reports(reports: List[Mapping[str, torch.Tensor]], dp_cp_group=None) 
         sums = torch.stack(
             [torch.stack([report[key].reshape(-1).double() for report in reports]).sum(0) for key in pairs]
         )
-        if dp_cp_group is not None and torch.distributed.get_world_size(dp_cp_group) > 1:
+        if group_size(dp_cp_group) > 1:
             torch.distributed.all_reduce(sums, group=dp_cp_group)
         for key, (total, count) in zip(pairs, sums.tolist()):
             out[key] = total / count if count else float("nan")

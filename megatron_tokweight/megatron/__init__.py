@@ -13,17 +13,17 @@ Only `steps_from_megatron_args`, `forward_step` and `train_valid_test_datasets_p
 Megatron-LM's global arguments and parallel state; everything else takes its groups as arguments.
 Nothing here imports Megatron-LM (`megatron.training`) until a hook is called.
 """
-from megatron_tokweight import lazy_exports
+from megatron_tokweight.common.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "extra_args_provider": "megatron_tokweight.megatron.arguments",
     "add_packing_args": "megatron_tokweight.megatron.arguments",
     "train_valid_test_datasets_provider": "megatron_tokweight.megatron.datasets_provider",
     "packed_dataset_config_from_args": "megatron_tokweight.megatron.datasets_provider",
-    "build_packed_datasets": "megatron_tokweight.packed_dataset",
+    "build_packed_datasets": "megatron_tokweight.data.packed_dataset",
     "get_batch": "megatron_tokweight.megatron.batch",
     "broadcast_batch": "megatron_tokweight.megatron.batch",
-    "thd_partition_indices": "megatron_tokweight.megatron.batch",
+    "thd_partition_indices": "megatron_tokweight.data.thd_batch",
     "GlobalBatchPrefetcher": "megatron_tokweight.megatron.prefetch",
     "TokweightSteps": "megatron_tokweight.megatron.steps",
     "forward_step": "megatron_tokweight.megatron.steps",

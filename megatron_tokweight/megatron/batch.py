@@ -1,5 +1,8 @@
 """One micro-batch of packed rows on its way to the model: TP broadcast, THD flattening, CP slicing.
 
+The flattening, the CP slicing and `PackedSeqParams` are the data layer's (`data.thd_batch`); this
+module adds what needs process groups: the TP broadcast and `get_batch`.
+
 Megatron-LM's stock `get_batch` broadcasts a fixed list of keys (dropping `loss_weights`, the
 sample/task ids, `num_samples`...) and slices context parallelism with the `sbhd` rule. Here:
 
@@ -18,32 +21,22 @@ Process groups are passed in explicitly; `None` means a group of one.
 """
 from typing import Dict, Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_tokweight.common.process_groups import group_rank, group_size
+from megatron_tokweight.data.thd_batch import (
+    flatten_rows,
+    packed_seq_params,
+    slice_for_context_parallel,
+)
 from megatron_tokweight.errors import DataFormatError
 
-# per-row boundary arrays (int32 [b, L+1], -1 after `num_segments`)
-CU_SEQLENS_KEYS = ("cu_seqlens", "cu_seqlens_padded")
-# keys `flatten_rows` rewrites; every other key is per-token ([b, L] -> [1, b*L]) or per-row ([b])
-_DERIVED_KEYS = CU_SEQLENS_KEYS + ("num_segments", "max_seqlen")
-# per-row ids that label every token of their row (a blend's `dataset_id`): expanded to per-token
-# by `flatten_rows`, so that after flattening and CP slicing each token still knows its row's id
-ROW_ID_KEYS = ("dataset_id",)
 _ALIGN = 16  # byte alignment of each tensor in the broadcast buffer (any dtype can view it)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 def default_device() -> torch.device:
@@ -62,7 +55,7 @@ def broadcast_batch(
     `device` on every rank.
     """
     device = default_device() if device is None else torch.device(device)
-    rank = _group_rank(tp_group)
+    rank = group_rank(tp_group)
     if rank == 0:
         if not isinstance(batch, dict) or not batch:
             raise DataFormatError(f"get_batch: the data iterator yielded {type(batch).__name__}, expected a dict of tensors")
@@ -72,7 +65,7 @@ def broadcast_batch(
                     f"get_batch: batch key {key!r} holds {type(value).__name__}; every key must be a tensor "
                     "so that it can travel through the tensor-parallel broadcast"
                 )
-    if _group_size(tp_group) == 1:
+    if group_size(tp_group) == 1:
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
     src = dist.get_global_rank(tp_group, 0)
@@ -116,7 +109,7 @@ class TensorParallelRows:
     """
 
     def __init__(self, data_iterator: Optional[Iterator], tp_group, device: Optional[torch.device] = None):
-        if _group_rank(tp_group) == 0 and data_iterator is None:
+        if group_rank(tp_group) == 0 and data_iterator is None:
             raise ValueError("rank 0 of the tensor-parallel group needs a data iterator, got None")
         self.data_iterator, self.tp_group, self.device = data_iterator, tp_group, device
 
@@ -125,7 +118,7 @@ class TensorParallelRows:
 
     def __next__(self) -> Dict[str, torch.Tensor]:
         rows = None
-        if _group_rank(self.tp_group) == 0:
+        if group_rank(self.tp_group) == 0:
             try:
                 rows = next(self.data_iterator)
             except StopIteration:
@@ -135,162 +128,6 @@ class TensorParallelRows:
         if _END_KEY in rows:
             raise StopIteration
         return rows
-
-
-# ----------------------------------------------------------------------------- THD flattening
-
-
-def _trimmed(cu: torch.Tensor, num_segments: int, row: int, key: str, seq_length: int) -> torch.Tensor:
-    if not 1 <= num_segments <= seq_length:
-        raise DataFormatError(f"get_batch: row {row} of the micro-batch has num_segments={num_segments}, expected 1..{seq_length}")
-    bounds = cu[: num_segments + 1].to(torch.int64)
-    if bounds[0] != 0 or bool((bounds[1:] < bounds[:-1]).any()):
-        raise DataFormatError(f"get_batch: row {row}: {key}[:{num_segments + 1}] must start at 0 and never decrease, got {bounds.tolist()}")
-    return bounds
-
-
-def flatten_rows(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The b packed rows of a micro-batch as one THD token stream.
-
-    Per-token keys (same shape as `tokens`, [b, L]) become [1, b*L]; `cu_seqlens` and
-    `cu_seqlens_padded` are trimmed to each row's `num_segments` and concatenated, each row
-    offset by the previous rows' totals (int32 [n + 1]); `num_segments` becomes their total and
-    `max_seqlen` the largest padded segment (int64 scalars). `dataset_id` ([b]) becomes per-token
-    [1, b*L]; other per-row keys ([b], e.g. `num_samples`) are kept as they are.
-
-    A batch that is already flat (1-D `cu_seqlens`) is returned unchanged.
-    """
-    for key in ("tokens",) + CU_SEQLENS_KEYS + ("num_segments",):
-        if key not in batch:
-            raise DataFormatError(f"get_batch: the batch has no {key!r} key (keys: {sorted(batch)}); is the dataset a PackedDataset?")
-    if batch["cu_seqlens"].dim() == 1:
-        return batch
-    tokens = batch["tokens"]
-    if tokens.dim() != 2:
-        raise DataFormatError(f"get_batch: tokens must be [micro_batch, seq_length], got shape {tuple(tokens.shape)}")
-    rows, seq_length = tokens.shape
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in batch.items():
-        if key in _DERIVED_KEYS:
-            continue
-        if key in ROW_ID_KEYS and value.shape == (rows,):
-            value = value.reshape(rows, 1).expand(rows, seq_length)
-        out[key] = value.reshape(1, rows * seq_length) if value.shape == tokens.shape else value
-
-    num_segments = batch["num_segments"].reshape(rows).tolist()
-    for key in CU_SEQLENS_KEYS:
-        cu = batch[key]
-        if cu.shape != (rows, seq_length + 1):
-            raise DataFormatError(f"get_batch: {key} must have shape {(rows, seq_length + 1)}, got {tuple(cu.shape)}")
-        pieces, total = [torch.zeros(1, dtype=torch.int64, device=cu.device)], 0
-        for row in range(rows):
-            bounds = _trimmed(cu[row], int(num_segments[row]), row, key, seq_length)
-            pieces.append(bounds[1:] + total)
-            total += int(bounds[-1])
-        out[key] = torch.cat(pieces).to(torch.int32)
-    padded = out["cu_seqlens_padded"].to(torch.int64)
-    if int(padded[-1]) != rows * seq_length:
-        raise DataFormatError(
-            f"get_batch: cu_seqlens_padded must cover every row position (end at {seq_length}); "
-            f"the rows end at {[int(cu[int(n)]) for cu, n in zip(batch['cu_seqlens_padded'], num_segments)]}"
-        )
-    longest = int((padded[1:] - padded[:-1]).max())
-    if "max_seqlen" in batch:
-        longest = max(longest, int(batch["max_seqlen"].max()))
-    out["num_segments"] = torch.tensor(sum(int(n) for n in num_segments), dtype=torch.int64, device=tokens.device)
-    out["max_seqlen"] = torch.tensor(longest, dtype=torch.int64, device=tokens.device)
-    return out
-
-
-# ----------------------------------------------------------------------------- context parallelism
-
-
-def thd_partition_indices(cu_seqlens_padded: torch.Tensor, total_tokens: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Token positions CP rank `cp_rank` keeps from a THD stream of `total_tokens` tokens.
-
-    Each segment of `cu_seqlens_padded` (length a multiple of 2*cp_size) is cut into 2*cp_size
-    equal chunks; the rank keeps chunk `cp_rank` then chunk `2*cp_size-1-cp_rank`, segment after
-    segment. Same result as Transformer Engine's `thd_get_partitioned_indices`; int64 [total/cp]
-    on the input's device. Computed with numpy on the host (a few vector ops over the pieces; on
-    GPU the TE kernel is used instead, see `slice_for_context_parallel`).
-    """
-    if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank must lie in [0, cp_size), got cp_rank={cp_rank}, cp_size={cp_size}")
-    bounds = cu_seqlens_padded.detach().cpu().numpy().astype(np.int64).reshape(-1)
-    lengths = np.diff(bounds)
-    if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != total_tokens or (lengths < 0).any():
-        raise DataFormatError(f"cu_seqlens_padded must run from 0 to {total_tokens} without decreasing, got {bounds.tolist()}")
-    if (lengths % (2 * cp_size)).any():
-        bad = lengths[lengths % (2 * cp_size) != 0].tolist()
-        raise DataFormatError(
-            f"with context parallel size {cp_size} every padded segment length must be a multiple of {2 * cp_size}, "
-            f"got {bad[:5]}; build the dataset with context_parallel_size={cp_size}"
-        )
-    chunk = lengths // (2 * cp_size)
-    starts = bounds[:-1]
-    # the kept pieces in output order: per segment chunk r, then chunk 2*cp-1-r
-    piece_start = np.stack([starts + cp_rank * chunk, starts + (2 * cp_size - 1 - cp_rank) * chunk], 1).reshape(-1)
-    piece_length = np.repeat(chunk, 2)
-    piece_offset = np.cumsum(piece_length) - piece_length  # where each piece starts in the output
-    index = np.arange(total_tokens // cp_size, dtype=np.int64) + np.repeat(piece_start - piece_offset, piece_length)
-    return torch.from_numpy(index).to(cu_seqlens_padded.device)
-
-
-def _partition_indices(cu_seqlens_padded: torch.Tensor, total_tokens: int, cp_size: int, cp_rank: int, use_te: Optional[bool]):
-    if use_te is None:
-        use_te = cu_seqlens_padded.is_cuda
-    if use_te:
-        try:
-            import transformer_engine_torch as tex
-        except ImportError:
-            tex = None
-        if tex is not None and hasattr(tex, "thd_get_partitioned_indices"):
-            return tex.thd_get_partitioned_indices(cu_seqlens_padded.to(torch.int32), total_tokens, cp_size, cp_rank).long()
-    return thd_partition_indices(cu_seqlens_padded, total_tokens, cp_size, cp_rank)
-
-
-def slice_for_context_parallel(
-    batch: Dict[str, torch.Tensor], cp_size: int, cp_rank: int, use_te: Optional[bool] = None
-) -> Dict[str, torch.Tensor]:
-    """Keep this CP rank's tokens of a flattened batch (see `thd_partition_indices`).
-
-    Per-token keys ([1, T]) are sliced to [1, T/cp]; `cu_seqlens*`, `max_seqlen` and per-row
-    keys describe the whole stream and are kept whole, as TE's context-parallel attention wants.
-    `use_te=None` uses TE's kernel for CUDA tensors when it is installed.
-    """
-    if cp_size == 1:
-        return batch
-    total = batch["tokens"].shape[1]
-    if total % (2 * cp_size):
-        raise DataFormatError(f"the packed stream has {total} tokens, not a multiple of 2 x context parallel size {2 * cp_size}")
-    index = _partition_indices(batch["cu_seqlens_padded"], total, cp_size, cp_rank, use_te)
-    return {
-        key: value.index_select(1, index) if value.dim() == 2 and value.shape == batch["tokens"].shape else value
-        for key, value in batch.items()
-    }
-
-
-# ----------------------------------------------------------------------------- PackedSeqParams
-
-
-def packed_seq_params(batch: Dict[str, torch.Tensor]):
-    """Megatron's `PackedSeqParams(qkv_format="thd")` for a flattened batch (whole-stream boundaries).
-
-    `cp_group` is left unset: TE's attention already holds the static CP group, and setting it
-    here would make TE re-register the group on every forward (Megatron's dynamic-CP path).
-    """
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    max_seqlen = int(batch["max_seqlen"])
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=batch["cu_seqlens"],
-        cu_seqlens_kv=batch["cu_seqlens"],
-        cu_seqlens_q_padded=batch["cu_seqlens_padded"],
-        cu_seqlens_kv_padded=batch["cu_seqlens_padded"],
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
 
 
 def get_batch(
@@ -306,7 +143,7 @@ def get_batch(
     keys as [1, T/cp]; `packed_seq_params` is the THD description of the whole stream.
     """
     rows = None
-    if _group_rank(tp_group) == 0:
+    if group_rank(tp_group) == 0:
         if data_iterator is None:
             raise ValueError("get_batch: rank 0 of the tensor-parallel group needs a data iterator, got None")
         rows = next(data_iterator)
@@ -314,5 +151,5 @@ def get_batch(
             raise DataFormatError(f"get_batch: the data iterator yielded {type(rows).__name__}, expected a dict of tensors")
         rows = flatten_rows(rows)  # where the loader left it (CPU): the boundary work needs host values
     batch = broadcast_batch(rows, tp_group, device)
-    batch = slice_for_context_parallel(batch, _group_size(cp_group), _group_rank(cp_group), use_te)
+    batch = slice_for_context_parallel(batch, group_size(cp_group), group_rank(cp_group), use_te)
     return batch, packed_seq_params(batch)

@@ -64,8 +64,8 @@ def blend_from_args(args: argparse.Namespace):
 
 def packed_dataset_config_from_args(args: argparse.Namespace):
     """A `PackedDatasetConfig` from Megatron-LM arguments plus `extra_args_provider`'s flags."""
-    from megatron_tokweight.packed_dataset import PackedDatasetConfig
-    from megatron_tokweight.weighting import WeightingConfig
+    from megatron_tokweight.data.packed_dataset import PackedDatasetConfig
+    from megatron_tokweight.megatron.arguments import weighting_config_from_args
 
     blend, blend_per_split = blend_from_args(args)
     optional = {}
@@ -86,7 +86,7 @@ def packed_dataset_config_from_args(args: argparse.Namespace):
         path_to_cache=getattr(args, "data_cache_path", None),
         mmap_bin_files=getattr(args, "mmap_bin_files", True),
         context_parallel_size=getattr(args, "context_parallel_size", 1),
-        weighting=WeightingConfig.from_args(args),
+        weighting=weighting_config_from_args(args),
         **optional,
     )
 
@@ -98,7 +98,7 @@ def report_names(config) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     dataset names when `blend` holds several prefixes (a blend's `dataset_id` indexes them, the
     same in every split). Otherwise empty: that report is off.
     """
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.data.sidecar import read_sidecar
 
     prefixes = config.prefixes()
     task_lists = {tuple(read_sidecar(prefix).task_names) for prefix in prefixes}
@@ -116,7 +116,7 @@ def report_names_from_args(args: argparse.Namespace) -> Tuple[Tuple[str, ...], T
 
 def tokenizer_vocab_size(config) -> int:
     """The vocabulary size the prefixes' sidecars record (the largest, should they differ)."""
-    from megatron_tokweight.sidecar import read_sidecar
+    from megatron_tokweight.data.sidecar import read_sidecar
 
     return max(int(read_sidecar(prefix).tokenizer["vocab_size"]) for prefix in config.prefixes())
 
@@ -144,14 +144,15 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     """Megatron-LM hook: `pretrain(train_valid_test_datasets_provider, ...)`."""
     from megatron.training import get_args, print_rank_0
 
-    from megatron_tokweight.longcontext import LongContextConfig
-    from megatron_tokweight.packed_dataset import build_packed_datasets
+    from megatron_tokweight.data.packed_dataset import build_packed_datasets
+    from megatron_tokweight.longcontext.score_sidecar import with_scores
+    from megatron_tokweight.megatron.arguments import long_context_config_from_args
 
     args = get_args()
     config = packed_dataset_config_from_args(args)
     print_rank_0("> building packed, token-weighted train, validation and test datasets ...")
-    datasets = build_packed_datasets(config, train_val_test_num_samples, is_dataset_built_on_rank,
-                                     LongContextConfig.from_args(args))
+    datasets = with_scores(build_packed_datasets(config, train_val_test_num_samples, is_dataset_built_on_rank),
+                           long_context_config_from_args(args))
     print_rank_0("> finished creating packed datasets ...")
     return datasets
 

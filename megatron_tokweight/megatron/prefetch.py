@@ -1,7 +1,7 @@
 """The global normalizer Z before the step: read the step's micro-batches up front, then replay them.
 
 Megatron-LM's `train_step` hands one data iterator to the schedule, which pulls the step's M
-micro-batches one by one, interleaved with forward and backward passes. Z (DESIGN.md section 1)
+micro-batches one by one, interleaved with forward and backward passes. Z (docs/CONTRACTS.md section 1)
 must be known before the first backward, so `GlobalBatchPrefetcher` wraps that iterator: at the
 first pull of a step it reads all M micro-batches, computes the global batch's totals with one
 DP x CP all-reduce (`megatron_tokweight.loss.global_batch_stats`), attaches them to every
@@ -27,9 +27,9 @@ from typing import Callable, Deque, Dict, Iterator, Optional, Sequence, Tuple, U
 
 import torch
 
+from megatron_tokweight.data.thd_batch import flatten_rows, slice_for_context_parallel
 from megatron_tokweight.errors import DataFormatError
 from megatron_tokweight.loss import GlobalBatchStats, global_batch_stats
-from megatron_tokweight.megatron.batch import flatten_rows, slice_for_context_parallel
 
 # batch key of the step's totals: float64 [4 + 2 * (tasks + datasets)], see `encode_stats`
 STATS_KEY = "global_batch_stats"

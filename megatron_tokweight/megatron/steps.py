@@ -29,27 +29,32 @@ from functools import partial
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
+from megatron_tokweight.common.process_groups import group_rank, group_size
 from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.loss import LossSettings, Normalization, per_token_cross_entropy, weighted_loss_func
-from megatron_tokweight.megatron.batch import TensorParallelRows, default_device, get_batch
-from megatron_tokweight.megatron.prefetch import STATS_KEY, GlobalBatchPrefetcher, decode_stats
-
-
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+from megatron_tokweight.loss import (
+    LossSettings,
+    Normalization,
+    per_token_cross_entropy,
+    weighted_loss_func,
+)
+from megatron_tokweight.megatron.batch import (
+    TensorParallelRows,
+    default_device,
+    get_batch,
+)
+from megatron_tokweight.megatron.prefetch import (
+    STATS_KEY,
+    GlobalBatchPrefetcher,
+    decode_stats,
+)
 
 
 class TokweightSteps:
     """Megatron schedule hooks for packed, token-weighted training (module docstring).
 
     Args:
-        normalization: "weight_sum" | "sample_count" | "token_count" (Z of DESIGN.md section 1).
+        normalization: "weight_sum" | "sample_count" | "token_count" (Z of docs/CONTRACTS.md section 1).
         calculate_per_token_loss: the model config's setting (the loss scaling depends on it).
         num_microbatches: M per step, or a callable returning it (read at each step's start).
         tp_group, cp_group, dp_cp_group: the tensor-, context- and data x context-parallel
@@ -100,7 +105,7 @@ class TokweightSteps:
         self.loss_in_model = loss_in_model
         self.report = report
         self.scorer = long_context_scorer
-        if self.scorer is not None and _size(cp_group) > 1:
+        if self.scorer is not None and group_size(cp_group) > 1:
             raise ConfigError(
                 "the unfrozen long-context scorer (and rho1) scores whole pieces: use context parallel size 1, "
                 "or the frozen scorer (`tokweight score`)"
@@ -115,16 +120,16 @@ class TokweightSteps:
         entry = self._prefetchers.get(id(data_iterator))
         if entry is None or entry[0] is not data_iterator:
             source = data_iterator
-            if self.scorer is not None and _size(self.tp_group) > 1:
+            if self.scorer is not None and group_size(self.tp_group) > 1:
                 # every TP rank reads the step: the scoring forward is collective over TP
-                source = TensorParallelRows(data_iterator if _rank(self.tp_group) == 0 else None,
+                source = TensorParallelRows(data_iterator if group_rank(self.tp_group) == 0 else None,
                                             self.tp_group, self.device)
             wrapped = GlobalBatchPrefetcher(
                 source,
                 self.num_microbatches,
                 self.dp_cp_group,
-                cp_size=_size(self.cp_group),
-                cp_rank=_rank(self.cp_group),
+                cp_size=group_size(self.cp_group),
+                cp_rank=group_rank(self.cp_group),
                 num_tasks=len(self.task_names),
                 num_datasets=len(self.dataset_names),
                 device=self.device,
@@ -141,13 +146,13 @@ class TokweightSteps:
         the others). `model` is needed with a long-context scorer (it scores the step).
         """
         if self.scorer is not None:  # every TP rank holds the step already (see `prefetcher`)
-            if _rank(self.tp_group) == 0 and data_iterator is None:
+            if group_rank(self.tp_group) == 0 and data_iterator is None:
                 raise ValueError("rank 0 of the tensor-parallel group needs a data iterator, got None")
             source = iter([self.prefetcher(data_iterator).pull(model)])
             batch, params = get_batch(source, None, self.cp_group, self.device, self.use_te)
         else:
             source = None
-            if _rank(self.tp_group) == 0:
+            if group_rank(self.tp_group) == 0:
                 if data_iterator is None:
                     raise ValueError("rank 0 of the tensor-parallel group needs a data iterator, got None")
                 source = self.prefetcher(data_iterator)
@@ -161,9 +166,9 @@ class TokweightSteps:
         settings = LossSettings(
             normalization=self.normalization,
             num_microbatches=num_microbatches,
-            dp_cp_size=_size(self.dp_cp_group),
+            dp_cp_size=group_size(self.dp_cp_group),
             calculate_per_token_loss=self.calculate_per_token_loss,
-            cp_rank=_rank(self.cp_group),
+            cp_rank=group_rank(self.cp_group),
             task_names=self.task_names,
             dataset_names=self.dataset_names,
             report=self.report,
@@ -220,10 +225,12 @@ def steps_from_megatron_args(args) -> TokweightSteps:
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-    from megatron_tokweight.longcontext import LongContextConfig
     from megatron_tokweight.longcontext.scorer_online import step_scorer
+    from megatron_tokweight.megatron.arguments import (
+        long_context_config_from_args,
+        weighting_config_from_args,
+    )
     from megatron_tokweight.megatron.datasets_provider import report_names_from_args
-    from megatron_tokweight.weighting import WeightingConfig
 
     if getattr(args, "use_legacy_models", False):
         raise ConfigError("megatron-tokweight needs Megatron-Core models; drop --use-legacy-models")
@@ -233,7 +240,7 @@ def steps_from_megatron_args(args) -> TokweightSteps:
             f"stream of micro_batch_size x seq_length tokens, and the pipeline's send/recv shapes assume "
             f"[seq_length, micro_batch_size] (got micro batch size {args.micro_batch_size})"
         )
-    long_context = LongContextConfig.from_args(args)
+    long_context = long_context_config_from_args(args)
     if long_context is not None and long_context.scores_each_step and args.pipeline_model_parallel_size > 1:
         raise ConfigError(
             f"--long-context-scorer unfrozen (and rho1) scores with the whole model before each step: use "
@@ -242,7 +249,7 @@ def steps_from_megatron_args(args) -> TokweightSteps:
     task_names, dataset_names = report_names_from_args(args)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     return TokweightSteps(
-        normalization=WeightingConfig.from_args(args).normalization,
+        normalization=weighting_config_from_args(args).normalization,
         calculate_per_token_loss=bool(args.calculate_per_token_loss),
         num_microbatches=get_num_microbatches,
         tp_group=tp_group,

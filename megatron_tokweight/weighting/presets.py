@@ -1,4 +1,4 @@
-"""Named sample-weighting presets (DESIGN.md section 2).
+"""Named sample-weighting presets (docs/CONTRACTS.md section 2).
 
 - `molmo2` (the Molmo2 write-up): captioning tasks 0.1, pointing tasks 0.2, every other task
   4 / sqrt(n) for n answer tokens; `weight_sum` normalization.
@@ -11,7 +11,7 @@ Presets set only the sample-level fields; token rules are always explicit.
 from typing import Any, Dict, Optional
 
 from megatron_tokweight.errors import ConfigError
-from megatron_tokweight.weighting.config import TaskRule, TaskRuleEntry
+from megatron_tokweight.weighting.rules import TaskRule, TaskRuleEntry
 
 # task-name globs shared by both Molmo2 presets; first match wins
 _MOLMO2_TABLE = (

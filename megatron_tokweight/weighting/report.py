@@ -55,16 +55,14 @@ def weight_share_by_task(
     ]
 
 
-def weight_share_for_dataset(prefix, config) -> Tuple[List[TaskWeightShare], SampleWeightReport]:
-    """Per-task shares of the prepared dataset at `prefix` under `config` (a preset name or a
-    `WeightingConfig`), from its sidecar: whole untruncated samples, sample rules only (token
-    rules need the tokens and are not applied here)."""
-    from megatron_tokweight.sidecar import read_sidecar
+def weight_share_for_metadata(meta, config) -> Tuple[List[TaskWeightShare], SampleWeightReport]:
+    """Per-task shares of a prepared dataset under `config` (a preset name or a `WeightingConfig`)
+    from its sidecar `meta` (`data.sidecar.read_sidecar(prefix)`): whole untruncated samples,
+    sample rules only (token rules need the tokens and are not applied here)."""
     from megatron_tokweight.weighting.config import WeightingConfig
     from megatron_tokweight.weighting.weighter import Weighter
 
     config = WeightingConfig(preset=config) if isinstance(config, str) else config
-    meta = read_sidecar(prefix)
     weighter = Weighter(config, meta.task_names, meta.span_kinds, int(meta.tokenizer["vocab_size"]))
     weights, report = weighter.sample_weights_with_report(meta.task_id, meta.n_answer, meta.group_id)
     return weight_share_by_task(meta.task_names, meta.task_id, meta.n_answer, weights), report

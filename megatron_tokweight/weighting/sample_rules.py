@@ -1,4 +1,4 @@
-"""Sample weights: w_i = c_k / n_i^p_k * K_i^-q (DESIGN.md section 2), vectorised over samples.
+"""Sample weights: w_i = c_k / n_i^p_k * K_i^-q (docs/CONTRACTS.md section 2), vectorised over samples.
 
 Every task rule is reduced once to coefficients (c, p) (constant: p = 0, none: c = 1, p = 0), so
 one numpy expression covers all samples. n_i = 0 gives 0 for every rule (never inf or NaN).
@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_tokweight.errors import TokweightError
-from megatron_tokweight.weighting.config import TaskRule, TaskRuleEntry
+from megatron_tokweight.weighting.rules import TaskRule, TaskRuleEntry
 
 
 @dataclass(frozen=True)

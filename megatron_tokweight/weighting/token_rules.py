@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from megatron_tokweight.errors import ConfigError, TokweightError
-from megatron_tokweight.weighting.config import FrequencyRule
+from megatron_tokweight.weighting.rules import FrequencyRule
 
 
 def frequency_factors(token_counts, rule: FrequencyRule) -> np.ndarray:

@@ -21,7 +21,12 @@ from megatron_tokweight.weighting.sample_rules import (
     group_sizes_from_ids,
     resolve_task_rules,
 )
-from megatron_tokweight.weighting.token_rules import lookup_token_factors, span_factor_table, vocab_factor_table
+from megatron_tokweight.weighting.token_rules import (
+    lookup_token_factors,
+    span_factor_table,
+    vocab_factor_table,
+)
+from megatron_tokweight.weighting.token_weights import compose_token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +84,9 @@ class Weighter:
                 raise ConfigError(
                     "frequency rule needs corpus token counts: pass the dataset prefix or token_counts"
                 )
-            from megatron_tokweight.counting import count_token_ids_in_dataset
+            from megatron_tokweight.weighting.token_counts import (
+                count_token_ids_in_dataset,
+            )
 
             token_counts = count_token_ids_in_dataset(prefix, int(vocab_size))
         vocab_table = vocab_factor_table(int(vocab_size), config.stop_token_ids, config.frequency, token_counts)
@@ -131,18 +138,11 @@ class Weighter:
         factors = self.token_factors(labels, span_kinds)
         if factors is None:
             return weights
-        if factors.shape != weights.shape:
-            raise TokweightError(f"sample weights {weights.shape} and labels {factors.shape} differ in shape")
-        with np.errstate(over="ignore"):
-            product = weights * factors
-        if not np.isfinite(product).all():
-            bad = int(np.flatnonzero(~np.isfinite(product))[0])
-            raise TokweightError(
-                f"position {bad}: sample weight {weights[bad]:g} x token factor {factors[bad]:g} "
-                f"(label {int(np.asarray(labels)[bad])}, span kind {int(np.asarray(span_kinds)[bad])}) "
-                "overflows float32; lower the task rule or the token-rule factors"
-            )
-        return product
+        labels, span_kinds = np.asarray(labels), np.asarray(span_kinds)
+        return compose_token_weights(
+            weights, factors, ("sample weight", "token factor"),
+            lambda i: f"label {int(labels.reshape(-1)[i])}, span kind {int(span_kinds.reshape(-1)[i])}",
+        )
 
     def describe(self) -> str:
         """Multi-line summary: normalization, each task's rule and the token rules."""

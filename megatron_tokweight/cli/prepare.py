@@ -1,0 +1,34 @@
+"""`tokweight prepare`: JSONL -> Megatron IndexedDataset + sidecar (`data.prepare`)."""
+import sys
+
+from megatron_tokweight.data.prepare import prepare_jsonl
+from megatron_tokweight.data.tokenizer import parse_specials
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", help="JSONL file: chat {messages}, {prompt, response} or {text} per line")
+    parser.add_argument("-o", "--output", required=True, metavar="PREFIX",
+                        help="output prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.tokweight/")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' (built in) or PATH/tokenizer.json (default: byte)")
+    parser.add_argument("--special", action="append", default=[], metavar="NAME=TOKEN",
+                        help="tokenizer.json special token for NAME (pad, eod, bos, system, user, assistant); repeatable")
+    parser.add_argument("--task-field", default="task", help="field naming a line's task (default: task)")
+    parser.add_argument("--default-task", default="default", help="task of lines without the task field (default: default)")
+    parser.add_argument("--group-field", default="group",
+                        help="field whose equal values mark annotations of one input (default: group)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    report = prepare_jsonl(
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        task_field=args.task_field,
+        default_task=args.default_task,
+        group_field=args.group_field,
+        specials=parse_specials(args.special),
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    print(report.format())
+    return 0

@@ -1,0 +1,132 @@
+"""JSONL -> Megatron IndexedDataset (PREFIX.bin/.idx) + sidecar (PREFIX.tokweight/).
+
+One IndexedDataset document (one sequence) per non-blank line, tokens as uint16 when the
+vocabulary fits, else int32. The input is streamed: tokens go to the .bin as each line is
+encoded; only the per-sample metadata is kept. Outputs are written under temporary names and
+renamed at the end, so an interrupted run leaves no half-written PREFIX.bin/.idx.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import numpy as np
+
+from megatron_tokweight.common.files import atomic_path
+from megatron_tokweight.data.jsonl_shapes import JsonlFields, JsonlReader, iter_samples
+from megatron_tokweight.data.sidecar import SampleMetadata, span_targets, write_sidecar
+from megatron_tokweight.data.sidecar_builder import SampleMetadataBuilder
+from megatron_tokweight.data.tokenizer import load_tokenizer
+from megatron_tokweight.errors import DataFormatError
+
+
+@dataclass
+class TaskStats:
+    samples: int
+    answer_tokens: int
+    median_n: float
+    empty_answers: int
+
+
+@dataclass
+class PrepareReport:
+    prefix: str
+    source: str
+    num_samples: int
+    num_tokens: int
+    token_dtype: str
+    tokenizer: dict
+    tasks: Dict[str, TaskStats]
+    kind_tokens: Dict[str, int]  # targets per span kind
+    counts: Dict[str, int]  # empty_answer, blank_lines
+    seconds: float
+    metadata: Optional[SampleMetadata] = field(default=None, repr=False)
+
+    def format(self) -> str:
+        tok = self.tokenizer
+        lines = [
+            f"prepared {self.num_samples:,} samples, {self.num_tokens:,} tokens ({self.token_dtype}, "
+            f"{tok['kind']} tokenizer, vocab {tok['vocab_size']:,}) from {self.source} in {self.seconds:.2f} s",
+            f"  -> {self.prefix}.bin, {self.prefix}.idx, {self.prefix}.tokweight/",
+            f"  {'task':<24}{'samples':>10}{'answer tokens':>15}{'median n':>10}{'empty answers':>15}",
+        ]
+        for name, s in self.tasks.items():
+            lines.append(f"  {name:<24}{s.samples:>10,}{s.answer_tokens:>15,}{s.median_n:>10g}{s.empty_answers:>15,}")
+        lines.append("  answer tokens by span kind: " + ", ".join(f"{k} {v:,}" for k, v in self.kind_tokens.items()))
+        lines.append("  counts: " + ", ".join(f"{k} {v:,}" for k, v in self.counts.items()))
+        return "\n".join(lines)
+
+
+def token_dtype_for(vocab_size: int) -> type:
+    """Megatron's choice of .bin dtype (a numpy scalar type) for a vocabulary: uint16 below ~65.5k ids, else int32."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab_size)
+
+
+def prepare_jsonl(
+    input_path,
+    prefix,
+    tokenizer="byte",
+    task_field: str = "task",
+    default_task: str = "default",
+    group_field: str = "group",
+    specials: Optional[Dict[str, str]] = None,
+    progress: bool = False,
+) -> PrepareReport:
+    """Tokenize `input_path` into PREFIX.bin/.idx and PREFIX.tokweight/; return what was written."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    t0 = time.perf_counter()
+    input_path, prefix = os.fspath(input_path), os.fspath(prefix)
+    tok = load_tokenizer(tokenizer, specials=specials)
+    fields = JsonlFields(task_field=task_field, default_task=default_task, group_field=group_field)
+    dtype = token_dtype_for(tok.vocab_size)
+    reader = JsonlReader(input_path)
+    if not os.path.isfile(input_path):
+        raise DataFormatError(f"{input_path}: input file not found")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+
+    meta = SampleMetadataBuilder()
+    # the sidecar is renamed into place first, then .idx, then .bin (inner blocks commit first)
+    with atomic_path(prefix + ".bin") as bin_tmp, atomic_path(prefix + ".idx") as idx_tmp:
+        builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
+        try:
+            from tqdm import tqdm
+
+            with tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
+                      disable=not progress, file=sys.stderr) as bar:
+                for sample in iter_samples(reader, tok, fields):
+                    builder.add_document(np.asarray(sample.tokens, dtype=dtype), [len(sample.tokens)])
+                    meta.add(len(sample.tokens), sample.task, sample.group, sample.spans)
+                    bar.update(reader.bytes_read - bar.n)
+            builder.finalize(idx_tmp)
+        except BaseException:
+            builder.data_file.close()
+            raise
+        metadata = meta.build(tok.spec(), np.dtype(dtype).name, source=os.path.abspath(input_path))
+        empty = metadata.n_answer == 0
+        metadata.counts = {"empty_answer": int(empty.sum()), "blank_lines": reader.blank_lines}
+        write_sidecar(prefix, metadata)
+
+    tasks = {}
+    for tid, name in enumerate(metadata.task_names):
+        n = metadata.n_answer[metadata.task_id == tid]
+        tasks[name] = TaskStats(int(len(n)), int(n.sum(dtype=np.int64)), float(np.median(n)), int((n == 0).sum()))
+    per_kind = np.bincount(metadata.span_kind, weights=span_targets(metadata.spans), minlength=len(metadata.span_kinds))
+    return PrepareReport(
+        prefix=prefix,
+        source=input_path,
+        num_samples=metadata.num_samples,
+        num_tokens=metadata.num_tokens,
+        token_dtype=np.dtype(dtype).name,
+        tokenizer=metadata.tokenizer,
+        tasks=tasks,
+        kind_tokens={k: int(v) for k, v in zip(metadata.span_kinds, per_kind)},
+        counts=dict(metadata.counts),
+        seconds=time.perf_counter() - t0,
+        metadata=metadata,
+    )
