@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from jsonl_files import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
@@ -28,3 +29,17 @@ def rank_group(tmp_path_factory):
         yield dist.new_group([0])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def prepared_prefix():
+    """Factory: `prepared_prefix(directory, name, records, **prepare_kwargs)` writes the records
+    as DIRECTORY/NAME.jsonl, runs `tokweight prepare` into DIRECTORY/NAME and returns that prefix."""
+    from megatron_tokweight.data.prepare import prepare_jsonl
+
+    def make(directory, name, records, **prepare_kwargs) -> str:
+        prefix = Path(directory) / name
+        prepare_jsonl(write_jsonl(Path(directory) / f"{name}.jsonl", records), prefix, **prepare_kwargs)
+        return str(prefix)
+
+    return make

@@ -21,7 +21,7 @@ from megatron_tokweight.data.thd_batch import (
 from megatron_tokweight.errors import DataFormatError
 from megatron_tokweight.megatron.batch import broadcast_batch, get_batch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -233,25 +233,14 @@ def megatron_args(argv):
     return parser.parse_args(argv)
 
 
-def write_prefixes(directory):
+def write_prefixes(directory, prepared_prefix):
     """Two prepared prefixes: captions and answers, of varied lengths (byte tokenizer)."""
-    import json
-
-    from megatron_tokweight.data.prepare import prepare_jsonl
-
-    prefixes = []
-    for name, task in (("captions", "caption"), ("answers", "qa")):
-        src = Path(directory) / f"{name}.jsonl"
-        with open(src, "w") as f:
-            for i in range(40):
-                f.write(json.dumps({"prompt": "q" * (1 + i % 5), "response": "a" * (1 + (7 * i) % 19), "task": task}) + "\n")
-        prefix = Path(directory) / name
-        prepare_jsonl(src, prefix, progress=False)
-        prefixes.append(str(prefix))
-    return prefixes
+    return [prepared_prefix(directory, name, [{"prompt": "q" * (1 + i % 5), "response": "a" * (1 + (7 * i) % 19),
+                                               "task": task} for i in range(40)])
+            for name, task in (("captions", "caption"), ("answers", "qa"))]
 
 
-def test_args_round_trip_into_the_dataset_config(tmp_path):
+def test_args_round_trip_into_the_dataset_config(tmp_path, prepared_prefix):
     from megatron_tokweight.data.packed_dataset import build_packed_datasets
     from megatron_tokweight.megatron.arguments import weighting_config_from_args
     from megatron_tokweight.megatron.datasets_provider import (
@@ -260,7 +249,7 @@ def test_args_round_trip_into_the_dataset_config(tmp_path):
     )
     from megatron_tokweight.weighting import WeightingConfig
 
-    prefixes = write_prefixes(tmp_path)
+    prefixes = write_prefixes(tmp_path, prepared_prefix)
     argv = ["--data-path", "30", prefixes[0], "70", prefixes[1], "--split", "90,10,0", "--seq-length", "40",
             "--seed", "7", "--data-cache-path", str(tmp_path / "cache"), "--context-parallel-size", "2",
             "--token-weighting-preset", "molmo2", "--token-weighting-task-rule", "qa=power:3:0.5",
@@ -308,12 +297,12 @@ def test_args_round_trip_into_the_dataset_config(tmp_path):
     assert report_names(plain) == (("qa",), ())
 
 
-def test_vocab_check_names_the_flag_to_use(tmp_path):
+def test_vocab_check_names_the_flag_to_use(tmp_path, prepared_prefix):
     from megatron_tokweight.data.sidecar import read_sidecar
     from megatron_tokweight.errors import ConfigError
     from megatron_tokweight.megatron.datasets_provider import check_vocab_size
 
-    prefix = write_prefixes(tmp_path)[0]
+    prefix = write_prefixes(tmp_path, prepared_prefix)[0]
     vocab = read_sidecar(prefix).tokenizer["vocab_size"]
     args = megatron_args(["--seq-length", "32", "--data-path", prefix])
     args.padded_vocab_size = vocab
@@ -458,7 +447,7 @@ def _reference(train, model_config, rank):
     """Loss and tracked gradients of one process computing sum w*l / Z over the global batch;
     under "online" the same with w times the dense long-context weights of the model itself
     (plain references of tests/test_longcontext_train.py: every piece and window run alone)."""
-    from test_longcontext_train import plain_dense, plain_logprobs
+    from reference_longcontext import plain_dense, plain_logprobs
 
     from megatron_tokweight.model.gpt import ModelConfig, build_gpt_model, row_logits
 
@@ -601,16 +590,21 @@ def reference_stats(rows_list, num_tasks, num_datasets):
     return weight, tokens, samples, task_tokens, task_weight, data_tokens, data_weight
 
 
-@pytest.mark.distributed
-def test_hooks_on_two_gloo_ranks(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, prepared_prefix):
+    """Every case below, run once on two gloo ranks (one spawn for the module)."""
     from megatron_tokweight.trainer.spawn import spawn
 
-    prefix = write_prefixes(tmp_path)[1]
-    results = spawn(_hooks_rank, 2, prefix, str(tmp_path / "cache"))
-    flat = flatten_rows(broadcast_rows())
-    total = flat["tokens"].shape[1]
+    root = tmp_path_factory.mktemp("hooks")
+    prefix = write_prefixes(root, prepared_prefix)[1]
+    return spawn(_hooks_rank, 2, prefix, str(root / "cache"))
 
-    # --- TP broadcast: both TP ranks hold rank 0's batch, every key, same dtypes and values
+
+@pytest.mark.distributed
+def test_tp_broadcast_delivers_every_key(two_ranks):
+    """TP broadcast: both TP ranks hold rank 0's batch, every key, same dtypes and values."""
+    results = two_ranks
+    flat = flatten_rows(broadcast_rows())
     for rank in range(2):
         got = results[rank]["broadcast"]["batch"]
         assert list(got) == list(flat)
@@ -620,13 +614,23 @@ def test_hooks_on_two_gloo_ranks(tmp_path):
         assert fmt == "thd" and torch.equal(cu, flat["cu_seqlens"]) and torch.equal(cu_padded, flat["cu_seqlens_padded"])
         assert max_seqlen == int(flat["max_seqlen"])
 
-    # --- every TP rank reads the step (online long-context scoring): rank 0's rows, then the end
+
+@pytest.mark.distributed
+def test_every_tp_rank_reads_rank0s_rows(two_ranks):
+    """Every TP rank reads the step (online long-context scoring): rank 0's rows, then the end."""
+    results = two_ranks
     for rank in range(2):
         for got, seed in zip(results[rank]["tp_rows"], (21, 22)):
             want = make_rows(seed=seed)
             assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
-    # --- CP: each rank keeps the reference partition of every per-token key, the rest whole
+
+@pytest.mark.distributed
+def test_cp_rank_keeps_the_reference_partition(two_ranks):
+    """CP: each rank keeps the reference partition of every per-token key, the rest whole."""
+    results = two_ranks
+    flat = flatten_rows(broadcast_rows())
+    total = flat["tokens"].shape[1]
     for rank in range(2):
         got = results[rank]["cp"]
         index = torch.tensor(reference_partition(flat["cu_seqlens_padded"].tolist(), 2, rank))
@@ -634,7 +638,11 @@ def test_hooks_on_two_gloo_ranks(tmp_path):
             want = value[:, index] if value.shape == (1, total) else value
             assert torch.equal(got[key], want), key
 
-    # --- prefetcher: reads a whole step at its first pull, replays it exactly, Z = direct count
+
+@pytest.mark.distributed
+def test_prefetcher_replays_the_step_and_counts_z(two_ranks):
+    """Prefetcher: reads a whole step at its first pull, replays it exactly, Z = direct count."""
+    results = two_ranks
     for layout in PREFETCH_LAYOUTS:
         readers = (0, 1) if layout == "dp" else (0,)
         for rank in range(2):
@@ -655,7 +663,11 @@ def test_hooks_on_two_gloo_ranks(tmp_path):
                 for carried, carried_m in out["carried"][step * M : (step + 1) * M]:
                     assert carried == stats and carried_m == M
 
-    # --- forward_step / loss_func through the schedule protocol == the one-process reference
+
+@pytest.mark.distributed
+def test_forward_step_equals_the_one_process_reference(two_ranks):
+    """Forward_step / loss_func through the schedule protocol == the one-process reference."""
+    results = two_ranks
     for rank in range(2):
         reference = results[rank]["forward"]["reference"]
         # the weighting matters here: the three objectives differ, and long-context weights change them

@@ -111,20 +111,42 @@ def _model_case(rank, world_size):
     return result
 
 
-def test_no_cross_sample_leakage_tp1_and_tp2():
-    results = spawn(_model_case, 2)
+@pytest.fixture(scope="module")
+def two_ranks():
+    """`_model_case` on two gloo ranks (TP = 1 on each rank and TP = 2 across both), one spawn."""
+    return spawn(_model_case, 2)
+
+
+@pytest.mark.distributed
+def test_logits_shapes(two_ranks):
     padded_vocab = 256
-    for rank, res in enumerate(results):
+    for res in two_ranks:
         assert res["tp1"]["shape"] == (L, 2, padded_vocab)
         assert res["tp2"]["shape"] == (L, 2, padded_vocab // 2)
+
+
+@pytest.mark.distributed
+def test_no_cross_sample_leakage_tp1_and_tp2(two_ranks):
+    for rank, res in enumerate(two_ranks):
         for name in ("tp1", "tp2"):
             # every other sample (and the padding) is untouched by the change ...
             assert res[name]["outside"] <= 1e-6, (rank, name, res[name])
             # ... while every position of the changed sample does change
             assert res[name]["inside"] > 1e-4, (rank, name, res[name])
             assert res[name]["alone"] <= 1e-5, (rank, name, res[name])
+
+
+@pytest.mark.distributed
+def test_packed_token_loss_equals_plain_cross_entropy(two_ranks):
+    for rank, res in enumerate(two_ranks):
+        for name in ("tp1", "tp2"):
             assert res[name]["loss_shape"] == (1, 2 * L)
             assert res[name]["loss_vs_reference"] <= 1e-5, (rank, name, res[name])
+
+
+@pytest.mark.distributed
+def test_tp2_equals_tp1_and_thd_equals_sbhd(two_ranks):
+    for res in two_ranks:
         assert res["tp2_vs_tp1"] <= 1e-5, res
         assert res["sbhd_vs_thd"] <= 1e-5, res
 

@@ -14,18 +14,11 @@ L = 48
 
 
 @pytest.fixture(scope="module")
-def prefix(tmp_path_factory):
-    from megatron_tokweight.data.prepare import prepare_jsonl
-
-    root = tmp_path_factory.mktemp("pack_cli")
+def prefix(tmp_path_factory, prepared_prefix):
     rng = np.random.default_rng(3)
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(120):
-            prompt = "p" * int(rng.integers(1, 40))
-            response = "r" * int(rng.integers(0, 50))
-            f.write(json.dumps({"prompt": prompt, "response": response, "task": ["qa", "caption"][i % 2]}) + "\n")
-    prepare_jsonl(root / "data.jsonl", root / "data")
-    return str(root / "data")
+    records = [{"prompt": "p" * int(rng.integers(1, 40)), "response": "r" * int(rng.integers(0, 50)),
+                "task": ["qa", "caption"][i % 2]} for i in range(120)]
+    return prepared_prefix(tmp_path_factory.mktemp("pack_cli"), "data", records)
 
 
 def run_cli(capsys, *argv):

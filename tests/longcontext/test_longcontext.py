@@ -482,15 +482,6 @@ BYTE_VOCAB = 262  # the built-in byte tokenizer
 TEXTS = ["hello", "a" * 10 + "bcdefghijk", "the quick brown fox jumps over the lazy dog twice", "", "z" * 32]
 
 
-def write_texts(path, texts):
-    import json
-
-    with open(path, "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
-
-
 def save_checkpoint(save_dir, prefix, model, group, vocab=BYTE_VOCAB):
     """Save `model` exactly as `tokweight train` does (its identity and file layout)."""
     from megatron_tokweight.model import checkpoint
@@ -507,14 +498,12 @@ def save_checkpoint(save_dir, prefix, model, group, vocab=BYTE_VOCAB):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, rank_group):
+def scored(tmp_path_factory, rank_group, prepared_prefix):
     """A prepared dataset, a random-init scorer checkpoint, and `tokweight score` run on them."""
     from megatron_tokweight import cli
-    from megatron_tokweight.data.prepare import prepare_jsonl
 
     root = tmp_path_factory.mktemp("score")
-    prefix = str(root / "data")
-    prepare_jsonl(write_texts(root / "data.jsonl", TEXTS), prefix)
+    prefix = prepared_prefix(root, "data", [{"text": t} for t in TEXTS])
     model = tiny_model(rank_group, seed=4, vocab=BYTE_VOCAB).eval()
     save_checkpoint(root / "ckpt", prefix, model, rank_group)
     rc = cli.main(["score", prefix, "--scorer", str(root / "ckpt"), "--short-context", "8",
@@ -617,11 +606,10 @@ def test_scored_rows_align_with_the_sidecar_and_match_the_online_scorer(scored, 
         ScoredRows(dataset, scores, LongContextConfig(short_context=16, stride=4))
 
 
-def test_score_errors(scored, tmp_path, capsys, rank_group):
+def test_score_errors(scored, tmp_path, capsys, rank_group, prepared_prefix):
     import shutil
 
     from megatron_tokweight import cli
-    from megatron_tokweight.data.prepare import prepare_jsonl
     from megatron_tokweight.errors import DataFormatError
     from megatron_tokweight.longcontext.score_sidecar import (
         TokenScores,
@@ -645,8 +633,7 @@ def test_score_errors(scored, tmp_path, capsys, rank_group):
     assert "has a vocabulary of 640 (padded)" in capsys.readouterr().err
     # scores copied next to another dataset: token count, then sample lengths differ
     for name, texts in (("fewer", TEXTS[:-1]), ("same_count", ["x" * 4, "y" * 21] + TEXTS[2:])):
-        other_prefix = str(tmp_path / name)
-        prepare_jsonl(write_texts(tmp_path / f"{name}.jsonl", texts), other_prefix)
+        other_prefix = prepared_prefix(tmp_path, name, [{"text": t} for t in texts])
         shutil.copytree(default_scores_dir(prefix), default_scores_dir(other_prefix))
         message = "values but .* tokens" if name == "fewer" else "sample lengths differ"
         with pytest.raises(DataFormatError, match=message):
@@ -713,19 +700,38 @@ def _tp_case(rank, world_size, prefix, out_root):
     return result
 
 
-def test_tensor_parallel_scores_equal_single_process(scored, tmp_path):
-    from megatron_tokweight.longcontext.score_sidecar import TokenScores
+@pytest.fixture(scope="module")
+def tp_runs(scored, tmp_path_factory):
+    """`_tp_case` on two gloo ranks (TP = 2 and TP = 1 scorers of one model), one spawn."""
     from megatron_tokweight.trainer.spawn import spawn
 
     _, prefix, _ = scored
-    results = spawn(_tp_case, 2, prefix, str(tmp_path))
-    for res in results:
+    out_root = tmp_path_factory.mktemp("tp-scores")
+    return prefix, out_root, spawn(_tp_case, 2, prefix, str(out_root))
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_logprobs_equal_single_process(tp_runs):
+    for res in tp_runs[2]:
         assert res["reduction"] < 1e-5 and res["no_grad"] and res["labels_in_both_shards"]
         assert res["online"] < 1e-5
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_weights_equal_single_process_and_agree_across_ranks(tp_runs):
+    results = tp_runs[2]
+    for res in results:
         torch.testing.assert_close(res["weights"], res["weights_tp1"], rtol=1e-4, atol=1e-5)
     # every TP rank holds the same weights (never summed over TP)
     assert torch.equal(results[0]["weights"], results[1]["weights"])
-    tp2, tp1 = TokenScores.open(prefix, tmp_path / "tp2"), TokenScores.open(prefix, tmp_path / "tp1")
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_score_files_equal_single_process(tp_runs):
+    from megatron_tokweight.longcontext.score_sidecar import TokenScores
+
+    prefix, out_root, _ = tp_runs
+    tp2, tp1 = TokenScores.open(prefix, out_root / "tp2"), TokenScores.open(prefix, out_root / "tp1")
     for name in ("short_logprobs", "long_logprobs"):
         np.testing.assert_allclose(getattr(tp2, name).astype(np.float32), getattr(tp1, name).astype(np.float32),
                                    rtol=2e-3, atol=2e-3)

@@ -63,19 +63,28 @@ def _runs_on_rank(rank, world_size, plans):
     return [train_on_rank(plan, rank, groups) for plan in plans]
 
 
-def test_training_loss_falls_and_resume_is_exact(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Three runs in one spawn of two ranks (ranks start once; run_training = plan_run + spawn):
+    20 weighted steps at TP = 2 with a checkpoint at the end; the same run interrupted after
+    step 8 (checkpoint); and its resumption from that checkpoint to step 20."""
     from megatron_tokweight.trainer.spawn import spawn
 
-    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    root = tmp_path_factory.mktemp("runs")
+    full_dir, part_dir = root / "full", root / "part"
     configs = [
-        # uninterrupted: 20 weighted steps at TP=2, checkpoint at the end
         TrainConfig.from_dict(config_dict(data_dir, save_dir=str(full_dir))),
-        # interrupted after step 8 (checkpoint), then resumed to 20 from that checkpoint
         TrainConfig.from_dict(config_dict(data_dir, save_dir=str(part_dir), exit_interval=8)),
         TrainConfig.from_dict(config_dict(data_dir, save_dir=str(part_dir), resume=True)),
     ]
-    # the three runs share one spawn (ranks start once): run_training = plan_run + this spawn
     full, first, second = spawn(_runs_on_rank, 2, [plan_run(c) for c in configs])[0]
+    return {"full": full, "first": first, "second": second, "full_dir": full_dir, "part_dir": part_dir,
+            "configs": configs}
+
+
+@pytest.mark.distributed
+def test_training_loss_falls_and_evaluates(runs):
+    full = runs["full"]
     losses = [s.reports["weighted loss"] for s in full.steps]
     assert len(losses) == 20
     # the loss falls by well over 0.8 nats (about 5.7 -> 4.5) in 20 steps
@@ -83,6 +92,10 @@ def test_training_loss_falls_and_resume_is_exact(data_dir, tmp_path):
     assert full.evals and full.evals[-1]["step"] == 20
     assert set(full.evals[-1]["losses"]) >= {"lm loss", "caption", "multiple_choice"}
 
+
+@pytest.mark.distributed
+def test_resume_is_exact(runs):
+    full, first, second = runs["full"], runs["first"], runs["second"]
     assert [s.step for s in first.steps] == list(range(1, 9))
     assert second.start_step == 8 and [s.step for s in second.steps] == list(range(9, 21))
     # the same rows (token counts) and bit-identical losses, step for step
@@ -90,18 +103,21 @@ def test_training_loss_falls_and_resume_is_exact(data_dir, tmp_path):
         assert a.real_tokens == b.real_tokens
         assert a.reports == b.reports, a.step
     for rank in range(2):
-        model_a, opt_a = checkpoint_params(full_dir, 20, rank)
-        model_b, opt_b = checkpoint_params(part_dir, 20, rank)
+        model_a, opt_a = checkpoint_params(runs["full_dir"], 20, rank)
+        model_b, opt_b = checkpoint_params(runs["part_dir"], 20, rank)
         for key, value in model_a.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, model_b[key]), key
         assert opt_a.keys() == opt_b.keys()
 
+
+@pytest.mark.distributed
+def test_resume_checks_the_checkpoint_before_spawning(runs, data_dir):
     # resuming through the launcher reports the step it continues from
-    assert plan_run(configs[2]).resume_step == 20
+    assert plan_run(runs["configs"][2]).resume_step == 20
     # a checkpoint from another config is refused before any rank starts
     changed = TrainConfig.from_dict(
-        config_dict(data_dir, save_dir=str(part_dir), resume=True, **{"optimizer.lr": 1e-3})
+        config_dict(data_dir, save_dir=str(runs["part_dir"]), resume=True, **{"optimizer.lr": 1e-3})
     )
     with pytest.raises(ConfigError, match="optimizer.lr: checkpoint 0.003, config 0.001"):
         plan_run(changed)

@@ -6,8 +6,6 @@ window of the formula) runs alone through the model, the log-probabilities come 
 `torch.log_softmax`, the weights from docs/CONTRACTS.md section 2 in plain Python, and the loss is
 sum w l / Z with Z counted from the rows.
 """
-import json
-import math
 import os
 import random
 from pathlib import Path
@@ -15,6 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_longcontext import (
+    pieces,
+    plain_dense,
+    plain_logprobs,
+    plain_loss,
+    plain_top,
+)
 
 from megatron_tokweight.errors import ConfigError, DataFormatError
 
@@ -30,92 +35,6 @@ FROZEN = dict(ONLINE, scorer="frozen")
 # the plain references
 
 
-def run_alone(model, tokens, positions):
-    """log-softmax [n, V] (float64) of `tokens` run as one sequence of their own."""
-    from megatron_tokweight.model.gpt import packed_logits
-
-    n = len(tokens)
-    cu = torch.tensor([0, n], dtype=torch.int32)
-    batch = {"tokens": tokens.reshape(1, n), "position_ids": positions.reshape(1, n), "cu_seqlens": cu,
-             "cu_seqlens_padded": cu, "num_segments": torch.tensor(1), "max_seqlen": torch.tensor(n)}
-    with torch.no_grad():
-        return torch.log_softmax(packed_logits(model, batch)[:, 0].double(), -1)
-
-
-def pieces(rows, r):
-    """[begin, end) of every piece of row r (from `cu_seqlens`)."""
-    cu = rows["cu_seqlens"][r, : int(rows["num_segments"][r]) + 1].tolist()
-    return list(zip(cu[:-1], cu[1:]))
-
-
-def plain_logprobs(model, rows, n=N_SHORT, stride=STRIDE, short=True):
-    """(short, long) log p(label) [b, L] (float64, 0 off loss tokens) of collated packed rows.
-
-    long: the piece alone; short: position t of a piece starting at b sees tokens [a, t] with
-    a = b + k * stride, k = max(0, ceil((t - b + 1 - n) / stride)) (window k run alone).
-    Window 0 starts where the piece does, so by causality it sees exactly the long context: its
-    short log-probs are the long ones. Rerunning it as a shorter sequence would only add the CPU
-    attention's length-dependent round-off (~4e-7 on AMD EPYC), which the dense formula's
-    N * s / sum(s) turns into large weights for a piece whose loss tokens all lie in window 0."""
-    long_lp = torch.zeros(rows["tokens"].shape, dtype=torch.float64)
-    short_lp = torch.zeros_like(long_lp)
-    tokens, positions, labels, mask = rows["tokens"], rows["position_ids"], rows["labels"], rows["loss_mask"]
-    for r in range(tokens.shape[0]):
-        for b, e in pieces(rows, r):
-            loss = [t for t in range(b, e) if mask[r, t] > 0]
-            if not loss:
-                continue
-            full = run_alone(model, tokens[r, b:e], positions[r, b:e])
-            windows = {}
-            for t in loss:
-                long_lp[r, t] = full[t - b, labels[r, t]]
-                windows.setdefault(b + max(0, math.ceil((t - b + 1 - n) / stride)) * stride, []).append(t)
-            for a, kept in windows.items() if short else ():
-                if a == b:
-                    for t in kept:
-                        short_lp[r, t] = long_lp[r, t]
-                    continue
-                part = run_alone(model, tokens[r, a:min(a + n, e)], positions[r, a:min(a + n, e)])
-                for t in kept:
-                    short_lp[r, t] = part[t - a, labels[r, t]]
-    return short_lp, long_lp
-
-
-def plain_dense(short, long, rows, lam=LAM):
-    """w_t = lam + (1 - lam) * N * s_t / sum s per piece, s = |short - long|; 1 when
-    sum s <= N * 1e-6 (scores at round-off level, the documented guard)."""
-    weights = torch.zeros_like(long)
-    for r in range(long.shape[0]):
-        for b, e in pieces(rows, r):
-            loss = [t for t in range(b, e) if rows["loss_mask"][r, t] > 0]
-            s = [abs(float(short[r, t] - long[r, t])) for t in loss]
-            total = sum(s)
-            for t, s_t in zip(loss, s):
-                weights[r, t] = lam + (1 - lam) * len(loss) * s_t / total if total > len(loss) * 1e-6 else 1.0
-    return weights
-
-
-def plain_top(values, rows, fraction):
-    """1 on the top ceil(fraction * N) values of each piece (ties: earlier first), else 0."""
-    keep = torch.zeros_like(values)
-    for r in range(values.shape[0]):
-        for b, e in pieces(rows, r):
-            loss = [t for t in range(b, e) if rows["loss_mask"][r, t] > 0]
-            order = sorted(loss, key=lambda t: (-float(values[r, t]), t))
-            for t in order[: max(1, math.ceil(fraction * len(loss) - 1e-9))]:
-                keep[r, t] = 1.0
-    return keep
-
-
-def plain_loss(long, weights, rows_list, mode):
-    """sum w l / Z over a step's micro-batches; l = -log p(label) with the full context."""
-    weighted = sum(float((w * -lp).sum()) for w, lp in zip(weights, long))
-    z = {"weight_sum": sum(float(w.sum()) for w in weights),
-         "sample_count": sum(int(r["num_samples"].sum()) for r in rows_list),
-         "token_count": sum(int((r["loss_mask"] > 0).sum()) for r in rows_list)}[mode]
-    return weighted / z
-
-
 # ---------------------------------------------------------------------------------------------
 # fixtures: one in-process gloo rank, a prepared dataset, training runs
 
@@ -125,24 +44,19 @@ def group(rank_group):  # conftest's one-rank gloo world
     return rank_group
 
 
-def write_texts(path, count, seed):
-    """Texts of 18..58 characters (samples shorter than SEQ: every piece is a whole sample),
-    words repeated so that a longer context helps."""
+def texts(count, seed):
+    """{"text"} records of 18..58 characters (samples shorter than SEQ: every piece is a whole
+    sample), words repeated so that a longer context helps."""
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefgh") for _ in range(3)) for _ in range(6)]
-    with open(path, "w") as f:
-        for _ in range(count):
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 15)))[: rng.randint(18, 58)]
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
+    return [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 15)))[: rng.randint(18, 58)]}
+            for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from megatron_tokweight.data.prepare import prepare_jsonl
-
+def data(tmp_path_factory, prepared_prefix):
     root = tmp_path_factory.mktemp("lc-train")
-    prepare_jsonl(write_texts(root / "train.jsonl", 60, 0), root / "train")
+    prepared_prefix(root, "train", texts(60, 0))
     return root
 
 
@@ -212,8 +126,8 @@ def test_online_weights_in_the_loss_equal_an_independent_recomputation(data, onl
     # step 2 trains with the parameters after step 1: the scorer must use them (not the initial)
     model = load_model(plan, save / "step_0000001")
     rows = step_rows(data, 1)
-    scored = [plain_logprobs(model, r) for r in rows]
-    lc = [plain_dense(short, long, r) for (short, long), r in zip(scored, rows)]
+    scored = [plain_logprobs(model, r, N_SHORT, STRIDE) for r in rows]
+    lc = [plain_dense(short, long, r, LAM) for (short, long), r in zip(scored, rows)]
     weights = [r["loss_weights"].double() * w for r, w in zip(rows, lc)]
     long = [lp for _, lp in scored]
     expect = plain_loss(long, weights, rows, mode)
@@ -292,7 +206,7 @@ def test_long_context_config_section_and_overrides(data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="long_context must be null or a mapping"):
         load("long_context=dense")
     # the example config is valid
-    example = TrainConfig.from_file(Path(__file__).resolve().parents[1] / "examples" / "train_longcontext.yaml")
+    example = TrainConfig.from_file(Path(__file__).resolve().parents[2] / "examples" / "train_longcontext.yaml")
     assert example.long_context.short_context * 4 == example.data.seq_length
     # the CLI prints the error and exits 2 (nothing spawned)
     assert main(["train", "--config", str(path), "--set", "long_context.kapa=1"]) == 2
@@ -361,15 +275,15 @@ def test_frozen_scores_are_read_and_weight_the_loss(data, scored, group):
     # the sidecar holds the scorer checkpoint's log-probabilities (float16)
     scorer = load_scorer(open_checkpoint(str(scored)), plan.vocab_size, group, 0)
     for r, s, l in zip(rows, short, long_ref):
-        want_short, want_long = plain_logprobs(scorer, r)
+        want_short, want_long = plain_logprobs(scorer, r, N_SHORT, STRIDE)
         mask = r["loss_mask"] > 0
         torch.testing.assert_close(s[mask], want_short[mask], rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(l[mask], want_long[mask], rtol=2e-3, atol=2e-3)
-    lc = [plain_dense(s, l, r) for s, l, r in zip(short, long_ref, rows)]
+    lc = [plain_dense(s, l, r, LAM) for s, l, r in zip(short, long_ref, rows)]
     assert max(float(w[r["loss_mask"] > 0].std()) for w, r in zip(lc, rows)) > 0.1  # far from uniform
     # the trained model (initial parameters at step 1) gives the per-token losses
     model = load_model(plan)
-    long = [plain_logprobs(model, r, short=False)[1] for r in rows]
+    long = [plain_logprobs(model, r, N_SHORT, STRIDE, short=False)[1] for r in rows]
     weights = [r["loss_weights"].double() * w for r, w in zip(rows, lc)]
     expect = plain_loss(long, weights, rows, "weight_sum")
     assert result.steps[0].reports["weighted loss"] == pytest.approx(expect, rel=TOL)
@@ -384,7 +298,7 @@ def test_frozen_rho1_scores_the_trained_model_against_the_sidecar(data, scored, 
     assert result.steps[0].scoring_seconds > 0  # the trained model's log-probabilities, each step
     rows = step_rows(data, 0)
     model = load_model(plan)
-    long = [plain_logprobs(model, r, short=False)[1] for r in rows]
+    long = [plain_logprobs(model, r, N_SHORT, STRIDE, short=False)[1] for r in rows]
     reference = [sidecar_row_values(prefix, r, "long_logprobs") for r in rows]
     # excess loss l_model - l_reference = reference log p - model log p; the top half kept
     keep = [plain_top(ref - lp, r, 0.5) for ref, lp, r in zip(reference, long, rows)]
@@ -393,8 +307,7 @@ def test_frozen_rho1_scores_the_trained_model_against_the_sidecar(data, scored, 
     assert result.steps[0].reports["weighted loss"] == pytest.approx(expect, rel=TOL)
 
 
-def test_frozen_errors_before_training(data, scored, tmp_path):
-    from megatron_tokweight.data.prepare import prepare_jsonl
+def test_frozen_errors_before_training(data, scored, tmp_path, prepared_prefix):
     from megatron_tokweight.trainer.config import TrainConfig
     from megatron_tokweight.trainer.plan import plan_run
 
@@ -402,7 +315,7 @@ def test_frozen_errors_before_training(data, scored, tmp_path):
     with pytest.raises(ConfigError, match=r"scored with short_context, stride = \(8, 4\).*asks for \(16, 4\)"):
         plan_run(train_config(data, long_context=dict(FROZEN, n=16)))
     # a prefix nobody scored: named, with the command that fixes it
-    prepare_jsonl(write_texts(tmp_path / "other.jsonl", 20, 1), tmp_path / "other")
+    prepared_prefix(tmp_path, "other", texts(20, 1))
     raw = train_config(data, long_context=FROZEN).to_dict()
     raw["data"]["prefixes"] = [str(tmp_path / "other")]
     with pytest.raises(DataFormatError, match="other.tokweight/longcontext/meta.json not found: run `tokweight score"):
@@ -425,9 +338,9 @@ def build_hf_tokenizer(path, vocab_size):
     return str(path)
 
 
-def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(data, scored, tmp_path, capsys):
+def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(data, scored, tmp_path, capsys,
+                                                                               prepared_prefix):
     from megatron_tokweight import cli
-    from megatron_tokweight.data.prepare import prepare_jsonl
     from megatron_tokweight.data.sidecar import read_sidecar
     from megatron_tokweight.data.tokenizer import ByteTokenizer, tokenizer_differences
     from megatron_tokweight.longcontext.scorer_offline import (
@@ -442,7 +355,7 @@ def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(
     assert meta.model_config["hidden_size"] == MODEL["hidden_size"]
     # data tokenized with another (Hugging Face) tokenizer
     tok = build_hf_tokenizer(tmp_path / "tokenizer.json", 300)
-    prepare_jsonl(write_texts(tmp_path / "hf.jsonl", 10, 2), tmp_path / "hf", tokenizer=tok)
+    prepared_prefix(tmp_path, "hf", texts(10, 2), tokenizer=tok)
     spec = read_sidecar(str(tmp_path / "hf")).tokenizer
     assert spec["vocab_size"] != 262
     rc = cli.main(["score", str(tmp_path / "hf"), "--scorer", str(scored), "--short-context", "8", "--no-progress"])
@@ -547,8 +460,8 @@ def test_megatron_online_hooks_on_one_rank(data, online_runs, group):
                                long_context_scorer=step_scorer(LongContextConfig.from_dict(ONLINE), group, SEQ))
         reports, _ = forward_backward(steps.forward_step, iter(rows), model, 2, ScheduleConfig(per_token_loss), group)
         got = reduce_reports(reports, group)["weighted loss"]
-        scored = [plain_logprobs(model, r) for r in rows]
-        weights = [r["loss_weights"].double() * plain_dense(s, l, r) for (s, l), r in zip(scored, rows)]
+        scored = [plain_logprobs(model, r, N_SHORT, STRIDE) for r in rows]
+        weights = [r["loss_weights"].double() * plain_dense(s, l, r, LAM) for (s, l), r in zip(scored, rows)]
         assert got == pytest.approx(plain_loss([l for _, l in scored], weights, rows, "weight_sum"), rel=TOL)
     with pytest.raises(ValueError, match="needs the model: call pull"):
         steps.prefetcher(iter(rows)).pull()

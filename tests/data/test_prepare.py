@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from jsonl_files import write_jsonl
 from test_tokenizer import build_hf_tokenizer
 
 from megatron_tokweight import cli
@@ -24,13 +25,6 @@ PAD, EOT, BOS, SYS, USER, ASSIST = 256, 257, 258, 259, 260, 261
 
 def b(text):
     return list(text.encode("utf-8"))
-
-
-def write_jsonl(path, lines):
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
-    return path
 
 
 def read_tokens(prefix):

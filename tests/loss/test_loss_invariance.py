@@ -293,51 +293,70 @@ def _assembled(rank_results):
     return out
 
 
-@pytest.mark.distributed
-def test_loss_and_gradients_are_invariant_to_tp_dp_cp_and_micro_batches():
+def test_the_global_batch_keeps_the_mutation_checks_meaningful():
     batch = global_batch()
-    # preconditions that keep the mutation checks meaningful
     dp, m = MUTATION_MB[1], MUTATION_MB[3]  # micro-batch i of the step: row block i of every DP shard
     for per_row in (batch["loss_mask"].sum(1), batch["num_samples"].double(), batch["loss_weights"].sum(1)):
         assert len(set(per_row.reshape(dp, m, -1).sum((0, 2)).tolist())) > 1
     assert (batch["loss_weights"][batch["loss_mask"] == 0] == 0).all() and (batch["labels"][batch["loss_mask"] == 0] == PAD).any()
 
-    results = spawn(_matrix_rank, 8)
+
+@pytest.fixture(scope="module")
+def matrix():
+    """(exact cases, mutated cases): {key: [per-rank results]}, from one spawn of 8 ranks."""
     cases = {}
-    for rank_results in results:
+    for rank_results in spawn(_matrix_rank, 8):
         for r in rank_results:
             cases.setdefault(r["key"], []).append(r)
-    refs = {mode: reference(mode) for mode in MODES}
+    exact = {key: results for key, results in cases.items() if key[-1] == "exact"}
+    return exact, {key: results for key, results in cases.items() if key[-1] != "exact"}
 
-    failures, broken, checked = [], {}, 0
-    for key, rank_results in sorted(cases.items(), key=lambda kv: str(kv[0])):
+
+def _worst_grad_error(rank_results, ref_grads):
+    return max(_rel(grads[name], ref_grads[name]) for grads in _assembled(rank_results) for name in ref_grads)
+
+
+@pytest.mark.distributed
+def test_loss_and_gradients_are_invariant_to_tp_dp_cp_and_micro_batches(matrix):
+    exact, _ = matrix
+    batch = global_batch()
+    refs = {mode: reference(mode) for mode in MODES}
+    assert len(exact) == len(LAYOUTS) * len(MICRO_BATCHES) * len(MODES) * 2
+    failures = []
+    for key, rank_results in sorted(exact.items(), key=lambda kv: str(kv[0])):
         tp, dp, cp, m, mode, per_token, variant = key
         assert len(rank_results) == tp * dp * cp, key
-        ref_loss, ref_grads, ref_report = refs[mode]
-        errors = []
-        for grads in _assembled(rank_results):
-            errors += [_rel(grads[name], ref_grads[name]) for name in ref_grads]
-        if variant != "exact":
-            broken[key] = max(errors)
-            continue
-        checked += 1
+        _, ref_grads, ref_report = refs[mode]
+        errors = [_worst_grad_error(rank_results, ref_grads)]
         for r in rank_results:
             assert r["tokens_dtype"] == "torch.int32"
             assert set(r["report"]) == set(ref_report), (key, sorted(r["report"]))
             errors += [abs(r["report"][k] - v) / max(abs(v), 1e-12) for k, v in ref_report.items()]
             if per_token:  # finalize's all-reduced int32 total is the global loss-token count
                 assert r["total_num_tokens"] == int(batch["loss_mask"].sum()), key
-            expected_path = {1: "explicit-group", 2: "megatron", 4: "explicit-group"}[tp]
-            assert r["path"] == expected_path, (key, r["path"])
         if max(errors) > TOL:
             failures.append((key, max(errors)))
-    assert checked == len(LAYOUTS) * len(MICRO_BATCHES) * len(MODES) * 2
     assert not failures, f"{len(failures)} cases exceed {TOL}: {failures[:10]}"
 
-    # mutations: weights summed over TP break every mode but weight_sum (a uniform factor cancels
-    # there); Z counted over TP and per-micro-batch normalization break every mode
+
+@pytest.mark.distributed
+def test_cross_entropy_path_per_tp_size(matrix):
+    exact, _ = matrix
+    for key, rank_results in exact.items():
+        expected_path = {1: "explicit-group", 2: "megatron", 4: "explicit-group"}[key[0]]
+        assert {r["path"] for r in rank_results} == {expected_path}, key
+
+
+@pytest.mark.distributed
+def test_mutations_break_the_objective(matrix):
+    """Weights summed over TP break every mode but weight_sum (a uniform factor cancels there);
+    Z counted over TP and per-micro-batch normalization break every mode."""
+    _, broken = matrix
     assert len(broken) == 3 * len(MODES)
-    for (tp, dp, cp, m, mode, per_token, variant), err in broken.items():
+    ref_grads = {mode: reference(mode)[1] for mode in MODES}
+    for key, rank_results in broken.items():
+        variant, mode = key[-1], key[4]
+        err = _worst_grad_error(rank_results, ref_grads[mode])
         if variant == "tp-summed-weights" and mode == "weight_sum":
             assert err <= TOL, (variant, mode, err)
         else:

@@ -14,7 +14,6 @@ held-out set with `tokweight score`, and the weights must single out the retriev
 dense weights (lambda 0.5) >= 3x the filler mean, sparse selection (kappa 0.25) of (almost) every value. The unfrozen
 scorer (the same model scoring itself) must agree with the frozen sidecar.
 """
-import json
 import random
 
 import pytest
@@ -38,20 +37,12 @@ def sample(rng):
     return {"messages": [{"role": "assistant", "content": segments}]}
 
 
-def write_jsonl(path, count, rng):
-    with open(path, "w") as f:
-        for _ in range(count):
-            f.write(json.dumps(sample(rng)) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, prepared_prefix):
     """Prepared train/eval sets, a trained checkpoint, `tokweight score` run on the eval set."""
     import torch.distributed as dist
 
     from megatron_tokweight import cli
-    from megatron_tokweight.data.prepare import prepare_jsonl
     from megatron_tokweight.trainer.config import TrainConfig
     from megatron_tokweight.trainer.loop import train_on_rank
     from megatron_tokweight.trainer.micro_batches import make_groups
@@ -59,8 +50,8 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("kv")
     rng = random.Random(0)
-    prepare_jsonl(write_jsonl(root / "train.jsonl", 800, rng), root / "train")
-    prepare_jsonl(write_jsonl(root / "eval.jsonl", 48, rng), root / "eval")
+    prepared_prefix(root, "train", [sample(rng) for _ in range(800)])
+    prepared_prefix(root, "eval", [sample(rng) for _ in range(48)])
     config = TrainConfig.from_dict({
         "data": {"prefixes": [str(root / "train")], "seq_length": SEQ},
         # a larger init than Megatron's 0.02 lets the retrieval attention form in ~150 steps
