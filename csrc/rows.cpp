@@ -4,7 +4,7 @@
 // tasks, spans, the pack index, optional per-sample weights); `build(row)` then allocates and
 // fills that row's arrays. Binding once matters: converting ~20 numpy arguments per call costs
 // more than filling a 4096-token row. Every index followed is checked; bad input raises
-// ValueError. The Python front end is megatron_tokweight/rows.py.
+// ValueError. The Python front end is megatron_tokweight/data/row_gather.py.
 //
 // Layout (docs/ARCHITECTURE.md, "A packed row"): pieces sit back to back, each padded to a
 // multiple of `cp_multiple` (2 x CP, or 1); the rest of the row is one tail padding segment.
