@@ -9,8 +9,8 @@
                   `step_scorer(config, ...)`: the one a training step runs (unfrozen, rho1) or None
   scorer_offline  `score_dataset`: a checkpoint scores a prepared dataset (frozen)
   score_sidecar   the per-token log-probability files `tokweight score` writes, and row gathering
-                  (`ScoredRows`; `attach_scores` for a dataset or a blend)
-  score_cli       `tokweight score`
+                  (`ScoredRows`; `attach_scores` for a dataset or a blend, `with_scores` for
+                  a builder's list); `tokweight score` is `cli.score`
 """
 from megatron_tokweight.longcontext.config import METHODS, SCORERS, LongContextConfig
 from megatron_tokweight.longcontext.scores import (

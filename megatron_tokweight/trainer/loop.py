@@ -3,28 +3,23 @@
 The loop, per step (every rank of a TP x DP world of gloo processes it spawns itself):
 
 1. TP rank 0 of each data-parallel replica reads its micro-batches of packed rows (a
-   `PackedDataset` built through Megatron's `BlendedMegatronDatasetBuilder`); `megatron.batch`
-   flattens them to THD and broadcasts them over the TP group;
+   `PackedDataset` built through Megatron's `BlendedMegatronDatasetBuilder`; `micro_batches.RowReader`);
+   `megatron.batch.get_batch` flattens them to THD and broadcasts them over the TP group;
    with `long_context` (`longcontext.LongContextConfig`), the frozen scorer's weights come with
-   the rows (`longcontext.score_sidecar.attach_scores`), and the unfrozen scorer (or rho1) has
+   the rows (`longcontext.score_sidecar.with_scores`), and the unfrozen scorer (or rho1) has
    the model score the step's micro-batches under no_grad (`longcontext.scorer_online`);
 2. the global normalizer Z is computed before the forward (`loss.LossSettings.global_batch_stats`,
    one all-reduce over DP), from the final weights;
-3. `schedule.forward_backward` runs Megatron's loss protocol (the weighted loss function of
+3. `forward_backward.forward_backward` runs Megatron's loss protocol (the weighted loss function of
    `megatron_tokweight.loss`) and reduces the gradients over DP;
 4. gradient clipping by the global norm (TP-sharded and replicated parameters each counted
    once), AdamW with linear warm-up and cosine decay to `min_lr`;
 5. logging of the loss and per-task reports (`loss.reduce_reports`), held-out evaluation
    (unweighted per-task mean loss), checkpoints (`megatron_tokweight.model.checkpoint`).
 
-Rows are consumed in a fixed order: step s, micro-batch m, DP rank d read rows
-s*G + m*(mbs*DP) + d*mbs ... + mbs of the training dataset (G = mbs * M * DP rows per step), so
-a resumed run reads exactly the rows an uninterrupted one would.
-
-Everything a user can get wrong is checked in the launching process before any rank starts:
-unknown config keys, missing prefixes, a TP size that does not divide the heads or the padded
-vocabulary, a sequence length that leaves nothing to train under `overlong: drop`, and a
-checkpoint written with a different config.
+Rows are consumed in a fixed order (`micro_batches`), so a resumed run reads exactly the rows an
+uninterrupted one would. Everything a user can get wrong is checked in the launching process
+before any rank starts (`plan.plan_run`).
 """
 import os
 import time
