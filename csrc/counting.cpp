@@ -15,10 +15,15 @@ namespace py = pybind11;
 
 namespace {
 
+// 2^24 ids (a 128 MiB table): 64x the largest vocabularies in use (~2^18)
+constexpr int64_t kMaxVocab = int64_t(1) << 24;
+
 template <typename T>
 py::tuple count_token_ids(const py::array_t<T, py::array::c_style>& tokens, int64_t vocab_size) {
-    if (vocab_size < 1) {
-        throw py::value_error("vocab_size must be >= 1, got " + std::to_string(vocab_size));
+    // a larger table is a caller's mistake that would allocate and touch 8 bytes x vocab_size
+    if (vocab_size < 1 || vocab_size > kMaxVocab) {
+        throw py::value_error("vocab_size must lie in [1, " + std::to_string(kMaxVocab) + "], got " +
+                              std::to_string(vocab_size));
     }
     py::array_t<int64_t> counts(vocab_size);
     int64_t* c = counts.mutable_data();

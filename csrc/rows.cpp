@@ -25,6 +25,8 @@ constexpr int kSample = 0, kStart = 1, kLength = 2, kRow = 3, kOffset = 4, kColu
 // Rows of the int64 output block.
 constexpr int kTokens = 0, kLabels = 1, kPositions = 2, kSampleIds = 3, kTaskIds = 4, kIntRows = 5;
 
+constexpr int64_t kMaxSeqLength = int64_t(1) << 24;
+
 [[noreturn]] void fail(const std::string& what) { throw py::value_error("rows: " + what); }
 
 template <typename A>
@@ -68,8 +70,14 @@ class RowBuilder {
         num_rows_ = row_ptr.shape(0) - 1;
         if (sample_weight.ndim() != 1 || (sample_weight.shape(0) != 0 && sample_weight.shape(0) != num_samples_))
             fail("sample_weight must be 1-D with one weight per sample, or empty (weight 1)");
-        if (seq_length < 1 || seq_length > INT32_MAX - 1) fail("seq_length out of range");
-        if (cp_multiple < 1) fail("cp_multiple must be >= 1");
+        // a row is ~58 bytes per position: past 2^24 tokens one row would take a gigabyte
+        if (seq_length < 1 || seq_length > kMaxSeqLength)
+            fail("seq_length must lie in [1, " + std::to_string(kMaxSeqLength) + "], got " + std::to_string(seq_length));
+        // a piece is padded to a multiple of cp_multiple inside the row: bounding it by the row
+        // length keeps every padded length (and offset) below seq_length, free of overflow
+        if (cp_multiple < 1 || cp_multiple > seq_length)
+            fail("cp_multiple must lie in [1, seq_length = " + std::to_string(seq_length) + "], got " +
+                 std::to_string(cp_multiple));
     }
 
     int64_t num_rows() const { return num_rows_; }
@@ -141,7 +149,7 @@ class RowBuilder {
                 fail(where() + ": offset " + std::to_string(piece[kOffset]) +
                      " but the previous piece ends at " + std::to_string(cursor));
             if (len > L - cursor) fail(where() + ": ends past the row length " + std::to_string(L));
-            const int64_t padded = (len + m - 1) / m * m;
+            const int64_t padded = len + (m - len % m) % m;  // len <= L and m <= L: no overflow
             if (padded > L - cursor)
                 fail(where() + ": padded to a multiple of " + std::to_string(m) +
                      " it ends past the row length " + std::to_string(L));

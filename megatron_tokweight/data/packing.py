@@ -9,6 +9,7 @@ it has no row) and gets row -1.
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,11 @@ OVERLONG_POLICIES = ("truncate", "split", "drop")
 _CPP_STEMS = {"bfd": "best_fit_decreasing", "ffd": "first_fit_decreasing", "next-fit": "next_fit"}
 _MAX_SEQ_LENGTH = 2**31 - 1  # the C++ keeps remaining capacities in int32
 _MAX_BFD_SEQ_LENGTH = 2**24  # BFD keeps one bucket per remaining capacity
+_MAX_PIECES = 2**31 - 1  # the C++ numbers pieces with int32
+# peak bytes per piece while packing, by index itemsize: the piece arrays built here (sample,
+# start, length, index; int64 temporaries), the C++ placement records and its outputs (measured
+# 82 and 126 for 20M pieces; the margin covers the decreasing packers' larger records)
+_BYTES_PER_PIECE = {4: 96, 8: 144}
 
 
 @dataclass(frozen=True, eq=False)  # array fields: no elementwise-ambiguous __eq__
@@ -135,6 +141,40 @@ def _checked_lengths(lengths) -> np.ndarray:
     return lengths
 
 
+def _exact_sum(values: np.ndarray) -> int:
+    """The sum of integer `values` as a Python int: int64 when it cannot overflow, else exact."""
+    if values.size == 0:
+        return 0
+    if float(np.abs(values.astype(np.float64)).sum()) < 2.0**62:
+        return int(values.sum(dtype=np.int64))
+    return sum(int(v) for v in values)
+
+
+def _available_memory() -> int:
+    """Bytes of memory the system can still give (MemAvailable), or total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_pieces_fit(num_pieces: int, seq_length: int, itemsize: int) -> None:
+    """Refuse, with the numbers, a split that makes more pieces than the packer can index (int32
+    ids) or than memory can hold: the arrays would otherwise grow until the kernel kills us."""
+    need = num_pieces * _BYTES_PER_PIECE[itemsize]
+    if num_pieces > _MAX_PIECES or need > _available_memory():
+        raise DataFormatError(
+            f"overlong='split' at seq_length {seq_length} cuts the samples into {num_pieces:,} pieces, "
+            f"about {need / 2**30:,.1f} GiB of packing arrays (at most {_MAX_PIECES:,} pieces, "
+            f"{_available_memory() / 2**30:,.1f} GiB available); raise seq_length, or truncate or drop "
+            "the overlong samples"
+        )
+
+
 def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str = "truncate") -> PackResult:
     """Packs samples of the given token `lengths` into rows of `seq_length` tokens.
 
@@ -156,7 +196,7 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
     is_overlong = lengths > seq_length
     is_empty = lengths == 0
     num_overlong, num_empty = int(is_overlong.sum()), int(is_empty.sum())
-    overlong_tokens = int(lengths[is_overlong].sum(dtype=np.int64))
+    overlong_tokens = _exact_sum(lengths[is_overlong])
 
     # Narrow inputs (e.g. int32 lengths.npy or the .idx sequence lengths) take the int32 variant,
     # which returns int32 arrays (half the memory); every array of the result gets that dtype
@@ -174,6 +214,7 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
         elif overlong == "drop":
             pieces_per_sample[is_overlong] = 0
         pieces_per_sample[is_empty] = 0
+        _check_pieces_fit(int(pieces_per_sample.sum()), seq_length, np.dtype(index_dtype).itemsize)
         piece_sample = np.repeat(np.arange(n, dtype=index_dtype), pieces_per_sample)
         first_piece = np.cumsum(pieces_per_sample) - pieces_per_sample
         piece_index = np.arange(len(piece_sample), dtype=np.int64) - first_piece[piece_sample]

@@ -15,9 +15,15 @@ from megatron_tokweight.errors import ConfigError, DataFormatError
 _NATIVE_DTYPES = {np.dtype(np.uint16): "uint16", np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 
 
+# the counts table is int64 [vocab_size]: 2^24 ids (128 MiB) is 64x the largest vocabularies in
+# use; the C++ refuses larger tables too
+_MAX_VOCAB_SIZE = 2**24
+
+
 def _checked_vocab_size(vocab_size) -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
-        raise ConfigError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) \
+            or not 1 <= vocab_size <= _MAX_VOCAB_SIZE:
+        raise ConfigError(f"vocab_size must be an integer in [1, {_MAX_VOCAB_SIZE}], got {vocab_size!r}")
     return int(vocab_size)
 
 

@@ -354,3 +354,14 @@ def test_cpp_bounds_checks(stem, dtype):
     other = "int64" if dtype == "int32" else "int32"
     with pytest.raises(TypeError):  # never silently converted
         fn(np.array([1, 2], dtype=other), 8)
+
+
+def test_split_refuses_more_pieces_than_memory_holds():
+    """The audit's case: one sample of 2**31 - 1 tokens split into rows of 1 allocated until the
+    kernel killed the process (23 GB). The pieces are predicted and refused, with the numbers."""
+    with pytest.raises(DataFormatError, match=r"2,147,483,647 pieces, about 288\.0 GiB .* GiB available"):
+        pack_lengths(np.array([2**31 - 1], np.int64), 1, "ffd", "split")
+    with pytest.raises(DataFormatError, match="pieces"):  # past the int32 piece ids, whatever the memory
+        pack_lengths(np.array([2**40, 2**40], np.int64), 256, "next-fit", "split")
+    # what fits is packed as before
+    assert pack_lengths(np.array([10**6], np.int64), 1000, "next-fit", "split").num_rows == 1000
