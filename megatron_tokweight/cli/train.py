@@ -49,4 +49,7 @@ def run(args) -> int:
             json.dump(summary, f, indent=1)
     print(f"trained steps {result.start_step + 1}-{result.start_step + len(result.steps)} "
           f"at {result.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
+    if result.steps_without_targets:
+        print(f"{result.steps_without_targets} of {len(result.steps)} steps had no loss token in their rows "
+              "and trained nothing", file=sys.stderr)
     return 0

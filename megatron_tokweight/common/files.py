@@ -7,6 +7,7 @@ it was. Directories (a sidecar, a score set) are replaced as a whole.
 """
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -33,8 +34,11 @@ def replace_path(tmp, final) -> None:
     """Move `tmp` (a file or a directory) to `final`, replacing whatever is there.
 
     A directory cannot be renamed over a non-empty one: the old one is first moved aside (into a
-    fresh temporary directory, removed afterwards)."""
+    fresh temporary directory, removed afterwards). A file never replaces a directory
+    (IsADirectoryError): that directory is somebody's data."""
     if os.path.isdir(final) and not os.path.islink(final):
+        if not os.path.isdir(tmp):
+            raise IsADirectoryError(21, "a file cannot replace this directory", os.fspath(final))
         old = temporary_sibling(final, directory=True)
         os.rename(final, os.path.join(old, "replaced"))
         os.rename(tmp, final)
@@ -72,6 +76,26 @@ def atomic_file(path, mode: str = "wb", **open_kwargs):
             yield f
 
 
+_YAML_LOADER = None
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load`, except that 1e-3 and 2E5 are numbers (YAML 1.2, Python, JSON) rather
+    than the strings YAML 1.1 makes of an exponent without a dot and a sign."""
+    global _YAML_LOADER
+    import yaml
+
+    if _YAML_LOADER is None:
+        class Loader(yaml.SafeLoader):  # a subclass: SafeLoader itself stays untouched
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"))
+        _YAML_LOADER = Loader
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
 def read_config_file(path, what: str) -> Mapping:
     """The mapping a YAML (.yaml/.yml) or JSON (.json) file holds; an empty file is {}.
 
@@ -94,7 +118,7 @@ def read_config_file(path, what: str) -> Mapping:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is None:

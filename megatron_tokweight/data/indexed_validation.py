@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 
+from megatron_tokweight.data.content_identity import verify_content
 from megatron_tokweight.data.sidecar import SampleMetadata, _first_bad, read_sidecar
 from megatron_tokweight.errors import DataFormatError
 
@@ -44,7 +45,8 @@ def validate_against_indexed_dataset(prefix, check_token_ids: bool = False) -> S
     """Check PREFIX.bin/.idx and PREFIX.tokweight/ belong together; return the (memory-mapped) sidecar.
 
     Catches a truncated or padded .bin, a truncated .idx, a sidecar from another run (sample count,
-    lengths, token dtype), bad span bounds, a broken CSR index and out-of-range ids. With
+    lengths, token dtype, the files' recorded sha256), bad span bounds, a broken CSR index and
+    out-of-range ids. With
     `check_token_ids` it also reads every token once to check the ids fit the tokenizer.
     """
     prefix = os.fspath(prefix)
@@ -52,6 +54,10 @@ def validate_against_indexed_dataset(prefix, check_token_ids: bool = False) -> S
     header = read_idx_header(idx_path)
     if not os.path.isfile(bin_path):
         raise DataFormatError(f"{bin_path} not found (its index {idx_path} exists)")
+    if header["sequence_count"] == 0:
+        raise DataFormatError(
+            f"{prefix}: the dataset holds no samples ({idx_path} lists none); prepare it from a file with samples"
+        )
     bin_size = os.path.getsize(bin_path)
     if bin_size == 0 and header["sequence_count"] > 0:
         raise DataFormatError(f"{bin_path}: empty, but {idx_path} lists {header['sequence_count']} sequences")
@@ -84,6 +90,7 @@ def validate_against_indexed_dataset(prefix, check_token_ids: bool = False) -> S
         )
     _first_bad(md.lengths != lengths, f"{where}/lengths.npy", f"length differs from {idx_path}", md.lengths)
     md.check()
+    verify_content(prefix, md)  # same shape is not same data: a swapped .bin, a half-finished prepare
     if check_token_ids and len(lengths):
         tokens = np.memmap(bin_path, dtype=header["dtype"], mode="r")
         vocab = int(md.tokenizer.get("vocab_size", 0))

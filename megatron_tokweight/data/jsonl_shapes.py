@@ -36,11 +36,13 @@ from typing import Hashable, Iterator, List, Optional, Tuple
 
 from megatron_tokweight.data.sidecar import ANSWER_KIND, count_targets
 from megatron_tokweight.data.tokenizer import ROLES
-from megatron_tokweight.errors import ConfigError, DataFormatError
+from megatron_tokweight.errors import ConfigError, DataFormatError, unknown_keys
 
 TEXT_KIND = "text"
 SHAPE_FIELDS = {"chat": ("messages",), "prompt/response": ("prompt", "response"), "text": ("text",)}
 _RESERVED = {"messages", "prompt", "response", "text"}
+# keys of one segment of a content list; "type" admits OpenAI-style {"type": "text", "text": ...}
+SEGMENT_KEYS = ("text", "kind", "type")
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,12 @@ class _Line:
             f = f"{field}[{i}]"
             if not isinstance(seg, dict):
                 raise self.error(f, f"expected a {{\"text\", \"kind\"}} object, got {_typename(seg)}")
+            # a misspelt key would otherwise train the segment as the default kind
+            problem = unknown_keys(seg, SEGMENT_KEYS)
+            if problem:
+                raise self.error(f, problem)
+            if seg.get("type", "text") != "text":
+                raise self.error(f"{f}.type", f"{seg['type']!r} content is not text; only text segments can be trained")
             out.append((self.string(seg, "text", f"{f}.text"), self.kind(seg, f"{f}.kind", default_kind)))
         return out
 

@@ -282,12 +282,20 @@ class PackedDataset(MegatronDataset):
                     return self._build_and_save(paths)
         self.cache_hit = True
         log_single_rank(logger, logging.INFO, f"Load the {type(self).__name__} {self.index_split.name} indices")
-        index = PackIndex(
-            pieces=np.load(paths["pieces.npy"], mmap_mode="r"), row_ptr=np.load(paths["row_ptr.npy"], mmap_mode="r")
-        )
-        with open(paths["pack_stats.json"]) as f:
-            stats = json.load(f)
-        return index, np.load(paths["shuffle_index.npy"], mmap_mode="r"), stats
+        loading = paths["pieces.npy"]
+        try:
+            index = PackIndex(pieces=np.load(loading, mmap_mode="r"),
+                              row_ptr=np.load(loading := paths["row_ptr.npy"], mmap_mode="r"))
+            with open(loading := paths["pack_stats.json"]) as f:
+                stats = json.load(f)
+            shuffle_index = np.load(loading := paths["shuffle_index.npy"], mmap_mode="r")
+            _check_cached(index, shuffle_index, stats, paths)
+        except (OSError, ValueError, EOFError) as err:  # JSONDecodeError is a ValueError
+            raise DataFormatError(
+                f"{loading}: damaged index cache ({err}); delete the files {base}-* (or the whole cache "
+                f"directory {directory}) and they are rebuilt"
+            ) from err
+        return index, shuffle_index, stats
 
     def _build_and_save(self, paths):
         t0 = time.perf_counter()
@@ -343,3 +351,15 @@ def build_packed_datasets(config: PackedDatasetConfig, train_val_test_num_sample
     Frozen long-context scores are attached on top (`longcontext.score_sidecar.with_scores`)."""
     return BlendedMegatronDatasetBuilder(
         PackedDataset, list(train_val_test_num_samples), is_built_on_rank, config).build()
+
+
+def _check_cached(index: PackIndex, shuffle_index, stats, paths) -> None:
+    """ValueError when cached arrays do not fit together (a file from another build or cut short)."""
+    pieces, row_ptr = index.pieces, index.row_ptr
+    if pieces.ndim != 2 or pieces.shape[1] != 5 or row_ptr.ndim != 1 or len(row_ptr) < 1:
+        raise ValueError(f"pieces {pieces.shape} / row_ptr {row_ptr.shape} are not a pack index")
+    if int(row_ptr[-1]) != len(pieces) or not isinstance(stats, dict) or stats.get("rows") != len(row_ptr) - 1:
+        raise ValueError(f"{paths['row_ptr.npy']} does not describe {paths['pieces.npy']}")
+    rows = len(row_ptr) - 1
+    if shuffle_index.ndim != 1 or (len(shuffle_index) and (shuffle_index.min() < 0 or shuffle_index.max() >= rows)):
+        raise ValueError(f"{paths['shuffle_index.npy']} names rows outside [0, {rows})")

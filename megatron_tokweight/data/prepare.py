@@ -16,8 +16,14 @@ from typing import Dict, Optional
 import numpy as np
 
 from megatron_tokweight.common.files import atomic_path
+from megatron_tokweight.data.content_identity import file_sha256
 from megatron_tokweight.data.jsonl_shapes import JsonlFields, JsonlReader, iter_samples
-from megatron_tokweight.data.sidecar import SampleMetadata, span_targets, write_sidecar
+from megatron_tokweight.data.sidecar import (
+    SampleMetadata,
+    sidecar_dir,
+    span_targets,
+    write_sidecar,
+)
 from megatron_tokweight.data.sidecar_builder import SampleMetadataBuilder
 from megatron_tokweight.data.tokenizer import load_tokenizer
 from megatron_tokweight.errors import DataFormatError
@@ -67,6 +73,27 @@ def token_dtype_for(vocab_size: int) -> type:
     return DType.optimal_dtype(vocab_size)
 
 
+def check_output_prefix(prefix: str) -> None:
+    """DataFormatError, before any work, when PREFIX.bin/.idx/.tokweight cannot be written as
+    the dataset's files: a parent that is a file or cannot be created, an output path of the
+    wrong kind (a directory where the .bin goes is never replaced)."""
+    parent = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise DataFormatError(
+            f"-o {prefix}: cannot create the output directory {parent}: {err.strerror or err}"
+        ) from err
+    if not os.path.isdir(parent):
+        raise DataFormatError(f"-o {prefix}: {parent} is not a directory")
+    for path, is_directory in ((prefix + ".bin", False), (prefix + ".idx", False), (sidecar_dir(prefix), True)):
+        if os.path.lexists(path) and os.path.isdir(path) != is_directory:
+            kind = "a directory" if os.path.isdir(path) else "a file"
+            raise DataFormatError(
+                f"-o {prefix}: {path} exists and is {kind}; remove it or choose another output prefix"
+            )
+
+
 def prepare_jsonl(
     input_path,
     prefix,
@@ -88,29 +115,43 @@ def prepare_jsonl(
     reader = JsonlReader(input_path)
     if not os.path.isfile(input_path):
         raise DataFormatError(f"{input_path}: input file not found")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    check_output_prefix(prefix)
 
     meta = SampleMetadataBuilder()
-    # the sidecar is renamed into place first, then .idx, then .bin (inner blocks commit first)
-    with atomic_path(prefix + ".bin") as bin_tmp, atomic_path(prefix + ".idx") as idx_tmp:
-        builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
-        try:
-            from tqdm import tqdm
+    try:
+        # the sidecar is renamed into place first, then .idx, then .bin (inner blocks commit first);
+        # it records both files' sha256, so a run interrupted between the renames leaves a
+        # dataset that `validate_against_indexed_dataset` refuses rather than a silent mix
+        with atomic_path(prefix + ".bin") as bin_tmp, atomic_path(prefix + ".idx") as idx_tmp:
+            builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
+            try:
+                from tqdm import tqdm
 
-            with tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
-                      disable=not progress, file=sys.stderr) as bar:
-                for sample in iter_samples(reader, tok, fields):
-                    builder.add_document(np.asarray(sample.tokens, dtype=dtype), [len(sample.tokens)])
-                    meta.add(len(sample.tokens), sample.task, sample.group, sample.spans)
-                    bar.update(reader.bytes_read - bar.n)
-            builder.finalize(idx_tmp)
-        except BaseException:
-            builder.data_file.close()
-            raise
-        metadata = meta.build(tok.spec(), np.dtype(dtype).name, source=os.path.abspath(input_path))
-        empty = metadata.n_answer == 0
-        metadata.counts = {"empty_answer": int(empty.sum()), "blank_lines": reader.blank_lines}
-        write_sidecar(prefix, metadata)
+                with tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
+                          disable=not progress, file=sys.stderr) as bar:
+                    for sample in iter_samples(reader, tok, fields):
+                        builder.add_document(np.asarray(sample.tokens, dtype=dtype), [len(sample.tokens)])
+                        meta.add(len(sample.tokens), sample.task, sample.group, sample.spans)
+                        bar.update(reader.bytes_read - bar.n)
+                builder.finalize(idx_tmp)
+            except BaseException:
+                builder.data_file.close()
+                raise
+            metadata = meta.build(tok.spec(), np.dtype(dtype).name, source=os.path.abspath(input_path))
+            if metadata.num_samples == 0:
+                raise DataFormatError(
+                    f"{input_path}: no samples: the file is empty or all of its {reader.blank_lines} lines are "
+                    "blank; nothing was written"
+                )
+            empty = metadata.n_answer == 0
+            metadata.counts = {"empty_answer": int(empty.sum()), "blank_lines": reader.blank_lines}
+            metadata.content = {"bin_sha256": file_sha256(bin_tmp), "idx_sha256": file_sha256(idx_tmp)}
+            write_sidecar(prefix, metadata)
+    except OSError as err:
+        raise DataFormatError(
+            f"-o {prefix}: cannot write the dataset: {err.strerror or err} ({err.filename or prefix}); "
+            "choose a writable output prefix"
+        ) from err
 
     tasks = {}
     for tid, name in enumerate(metadata.task_names):

@@ -72,6 +72,8 @@ class SampleMetadata:
     token_dtype: str  # dtype of the .bin tokens ("uint16" or "int32")
     source: Optional[str] = None
     counts: Dict[str, int] = field(default_factory=dict)
+    # sha256 of the .bin and .idx written with it ({"bin_sha256", "idx_sha256"}; `content_identity`)
+    content: Dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     where: str = "sidecar"  # names the files in error messages
 
@@ -120,6 +122,7 @@ class SampleMetadata:
             "num_tokens": self.num_tokens,
             "source": self.source,
             "counts": dict(self.counts),
+            "content": dict(self.content),
         }
 
     def check(self) -> None:
@@ -224,6 +227,7 @@ def read_sidecar(prefix, mmap: bool = True) -> SampleMetadata:
         token_dtype=meta["token_dtype"],
         source=meta.get("source"),
         counts=dict(meta.get("counts") or {}),
+        content=dict(meta.get("content") or {}),
         where=where,
     )
     if md.num_samples != meta["num_samples"]:

@@ -7,6 +7,7 @@ Layout under `save_dir`:
                                   padding), `tokenizer` (the spec the data was prepared with: byte,
                                   or a tokenizer.json path and its sha256) and `model_config` (every
                                   ModelConfig field), so a scorer can check it fits a dataset
+                                  `datasets`: the content identity of every prefix read
     step_0000050/rank000.pt       this rank's model state_dict (its TP shard), optimizer state,
                                   torch / numpy / python RNG states
     latest                        the name of the newest complete step directory
@@ -18,14 +19,51 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_tokweight.common.files import atomic_file, replace_path
 from megatron_tokweight.errors import ConfigError
 
 LATEST = "latest"
 META = "meta.json"
+
+
+LOCK = "tokweight-run.lock"
+
+
+@contextmanager
+def save_dir_lock(save_dir: Optional[str]):
+    """Hold `save_dir` for one run: a second run that asks for it while this one lives (its
+    launcher, and so its ranks) gets a ConfigError naming the first. The lock is an `flock` on
+    SAVE_DIR/tokweight-run.lock, released by the kernel however the holder ends; the file keeps
+    the holder's pid, host and start time for the message. None: nothing to hold."""
+    if not save_dir:
+        yield
+        return
+    import fcntl
+    import socket
+    import time
+
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(
+                f"save_dir {save_dir} is in use by another run ({holder}); wait for it to end, or give "
+                "this run its own save_dir"
+            ) from None
+        record = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def step_dir_name(step: int) -> str:
@@ -46,10 +84,14 @@ class CheckpointMeta:
     vocab_size: Optional[int] = None  # None: written before these fields were recorded
     tokenizer: Optional[Dict[str, Any]] = None
     model_config: Optional[Dict[str, Any]] = None
+    # [{"role", "prefix", "identity"}] of every dataset the run read (`data.content_identity`)
+    datasets: Optional[List[Dict[str, str]]] = None
 
 
 # the fields `model_info` records next to the identity
 MODEL_FIELDS = ("vocab_size", "tokenizer", "model_config")
+# every optional field of meta.json (absent in checkpoints written before it was recorded)
+RECORDED_FIELDS = MODEL_FIELDS + ("datasets",)
 
 
 def model_info(vocab_size: int, tokenizer: Optional[Dict[str, Any]], model_config) -> Dict[str, Any]:
@@ -79,10 +121,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save(save_dir: str, step: int, consumed_rows: int, identity: Dict[str, Any], model, optimizer,
-         rank: int, world_size: int, group=None, model_info: Optional[Dict[str, Any]] = None) -> str:
+         rank: int, world_size: int, group=None, model_info: Optional[Dict[str, Any]] = None,
+         datasets: Optional[List[Dict[str, str]]] = None) -> str:
     """Every rank calls this (collective over `group`, default the world); returns the step dir.
 
-    model_info: `model_info(...)`'s fields for meta.json (recommended: scorers check them)."""
+    model_info: `model_info(...)`'s fields for meta.json (recommended: scorers check them);
+    datasets: [{"role", "prefix", "identity"}] of the data the run reads (a resume checks them)."""
     import torch
     import torch.distributed as dist
 
@@ -103,7 +147,8 @@ def save(save_dir: str, step: int, consumed_rows: int, identity: Dict[str, Any],
     dist.barrier(group=group)
     if rank == 0:
         meta = {"step": step, "consumed_rows": consumed_rows, "world_size": world_size,
-                "identity": identity, **(model_info or {})}
+                "identity": identity, **(model_info or {}),
+                **({"datasets": datasets} if datasets is not None else {})}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
         replace_path(tmp, final)
@@ -134,7 +179,7 @@ def read_meta(step_dir: str) -> CheckpointMeta:
         with open(meta_path) as f:
             meta = json.load(f)
         return CheckpointMeta(meta["step"], meta["consumed_rows"], meta["world_size"], meta["identity"], step_dir,
-                              **{key: meta.get(key) for key in MODEL_FIELDS})
+                              **{key: meta.get(key) for key in RECORDED_FIELDS})
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{meta_path}: not a readable checkpoint meta.json ({err!r})") from None
 
@@ -152,16 +197,33 @@ def identity_differences(saved: Dict[str, Any], current: Dict[str, Any], prefix:
     return diffs
 
 
-def check_compatible(meta: CheckpointMeta, identity: Dict[str, Any], world_size: int) -> None:
-    """ConfigError unless the checkpoint was written by a run of the same config and world."""
-    diffs = identity_differences(meta.identity, identity)
+def dataset_differences(saved: Optional[List[Dict[str, str]]], current: Optional[List[Dict[str, str]]]) -> list:
+    """One line per dataset whose content differs from what the checkpoint recorded."""
+    if saved is None or current is None:
+        return []  # a checkpoint from before datasets were recorded: nothing to compare
+    recorded = {entry["role"]: entry for entry in saved}
+    diffs = []
+    for entry in current:
+        old = recorded.get(entry["role"])
+        if old is not None and old["identity"] != entry["identity"]:
+            diffs.append(f"{entry['role']} {entry['prefix']} holds other data than the run trained on (content "
+                         f"identity {old['identity'][:12]}... in the checkpoint, {entry['identity'][:12]}... now: "
+                         "prepared again or replaced)")
+    return diffs
+
+
+def check_compatible(meta: CheckpointMeta, identity: Dict[str, Any], world_size: int,
+                     datasets: Optional[List[Dict[str, str]]] = None) -> None:
+    """ConfigError unless the checkpoint was written by a run of the same config and world, on
+    datasets of the same content (`datasets`: as `save` records them)."""
+    diffs = identity_differences(meta.identity, identity) + dataset_differences(meta.datasets, datasets)
     if meta.world_size != world_size:
         diffs.append(f"world size: checkpoint {meta.world_size}, config {world_size}")
     if diffs:
         raise ConfigError(
             f"cannot resume from {meta.path}: it was written with a different configuration ("
             + "; ".join(diffs)
-            + "). Resume with the same config, or point save_dir to a new directory"
+            + "). Resume with the same config and data, or point save_dir to a new directory"
         )
 
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from megatron_tokweight.common.files import read_config_file
+from megatron_tokweight.common.files import load_yaml, read_config_file
 from megatron_tokweight.errors import ConfigError, reject_unknown_keys
 from megatron_tokweight.weighting.config import as_weighting_config
 
@@ -259,7 +259,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> None:
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. optimizer.lr=1e-3), got {item!r}")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")

@@ -21,6 +21,7 @@ Rows are consumed in a fixed order (`micro_batches`), so a resumed run reads exa
 uninterrupted one would. Everything a user can get wrong is checked in the launching process
 before any rank starts (`plan.plan_run`).
 """
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,11 @@ class RunResult:
     def tokens_per_s(self) -> float:
         return self.real_tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
+    @property
+    def steps_without_targets(self) -> int:
+        """Steps whose rows held no loss token (counted, never logged as a NaN loss)."""
+        return sum(math.isnan(s.reports["lm loss"]) for s in self.steps)
+
 
 def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
                   on_step: Optional[Callable[[StepRecord], None]] = None,
@@ -126,7 +132,7 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
     if config.resume:
         meta = checkpoint.find_latest(config.save_dir)
         if meta is not None:
-            checkpoint.check_compatible(meta, config.identity(), config.world_size)
+            checkpoint.check_compatible(meta, config.identity(), config.world_size, plan.datasets)
             checkpoint.load(meta, model, optimizer, rank)
             if meta.consumed_rows != meta.step * config.rows_per_step:
                 raise ConfigError(f"{meta.path}: consumed_rows={meta.consumed_rows} does not match step {meta.step}")
@@ -190,7 +196,8 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
             (config.save_interval and done % config.save_interval == 0) or done == last
         ):
             checkpoint.save(config.save_dir, done, done * config.rows_per_step, config.identity(), model,
-                            optimizer, rank, config.world_size, model_info=model_info)
+                            optimizer, rank, config.world_size, model_info=model_info,
+                            datasets=plan.datasets)
         if eval_sets and ((config.eval_interval and done % config.eval_interval == 0) or done == config.steps):
             run_evals(done)
     return result
@@ -198,6 +205,9 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
 
 def format_step(record: StepRecord, task_names: Sequence[str]) -> str:
     r = record.reports
+    if math.isnan(r["lm loss"]):  # 0 / 0: the step's rows hold no target (it updated nothing)
+        return (f"step {record.step:5d} | no loss tokens in this step's rows: nothing trained "
+                f"| lr {record.lr:.2e} | {record.real_tokens / record.seconds:,.0f} tok/s")
     line = (f"step {record.step:5d} | lm loss {r['lm loss']:.4f} | weighted loss {r['weighted loss']:.4f} "
             f"| lr {record.lr:.2e} | grad norm {record.grad_norm:.3f} "
             f"| {record.real_tokens / record.seconds:,.0f} tok/s")
@@ -230,9 +240,12 @@ def _train_rank(rank, world_size, plan: RunPlan):
 
 def run_training(config: TrainConfig) -> RunResult:
     """Plan (all checks), spawn the TP x DP ranks, train; returns rank 0's result."""
+    from megatron_tokweight.model.checkpoint import save_dir_lock
     from megatron_tokweight.trainer.spawn import spawn
 
-    plan = plan_run(config)
-    if plan.resume_step:
-        print(f"resuming from step {plan.resume_step} in {config.save_dir}", flush=True)
-    return spawn(_train_rank, config.world_size, plan)[0]
+    # held from before the resume point is read until every rank has ended
+    with save_dir_lock(config.save_dir):
+        plan = plan_run(config)
+        if plan.resume_step:
+            print(f"resuming from step {plan.resume_step} in {config.save_dir}", flush=True)
+        return spawn(_train_rank, config.world_size, plan)[0]

@@ -22,6 +22,8 @@ class RunPlan:
     eval_task_names: List[List[str]]
     resume_step: int = 0
     tokenizer: Optional[Dict[str, Any]] = None  # the training prefixes' tokenizer spec (checkpoint meta)
+    # [{"role", "prefix", "identity"}]: the content of every prefix read (checkpoint meta, resume check)
+    datasets: Optional[List[Dict[str, str]]] = None
 
 
 def _require_prefix(prefix: str, where: str) -> None:
@@ -106,6 +108,12 @@ def plan_run(config: TrainConfig) -> RunPlan:
     tables = [[task_names.index(n) for n in side.task_names] for side in sidecars]
 
     train, evals = build_datasets(config)  # data errors surface here; caches are written
+    if trained_targets_of(train) == 0:
+        raise ConfigError(
+            f"data.prefixes: no sample of {', '.join(config.data.prefixes)} has a target once packed (no "
+            "assistant content, or every answer cut off by data.seq_length / overlong): there is nothing to "
+            "train on"
+        )
     for prefix, ds in zip(config.data.eval_prefixes, evals):
         rows = len(ds) if config.eval_max_rows is None else min(len(ds), config.eval_max_rows)
         if rows <= (config.data_parallel_size - 1) * config.micro_batch_size:
@@ -114,14 +122,36 @@ def plan_run(config: TrainConfig) -> RunPlan:
                 f"ranks without a micro-batch of {config.micro_batch_size} rows; evaluate more rows"
             )
 
+    datasets = dataset_identities(config, sidecars + eval_sidecars)
     resume_step = 0
     if config.resume:
         meta = checkpoint.find_latest(config.save_dir)
         if meta is not None:
-            checkpoint.check_compatible(meta, config.identity(), config.world_size)
+            checkpoint.check_compatible(meta, config.identity(), config.world_size, datasets)
             resume_step = meta.step
     return RunPlan(config, vocab_size, task_names, tables, [list(s.task_names) for s in eval_sidecars], resume_step,
-                   tokenizer)
+                   tokenizer, datasets)
+
+
+def dataset_identities(config: TrainConfig, sidecars) -> List[Dict[str, str]]:
+    """[{"role", "prefix", "identity"}] of the training then the eval prefixes (content, not path)."""
+    from megatron_tokweight.data.content_identity import dataset_identity
+
+    roles = [f"data.prefixes[{i}]" for i in range(len(config.data.prefixes))] + \
+        [f"data.eval_prefixes[{i}]" for i in range(len(config.data.eval_prefixes))]
+    return [{"role": role, "prefix": prefix, "identity": dataset_identity(prefix, side)}
+            for role, prefix, side in zip(roles, config.data.prefixes + config.data.eval_prefixes, sidecars)]
+
+
+def trained_targets_of(dataset) -> int:
+    """Targets the rows of a `PackedDataset` (or a blend of them, scored or not) train, per epoch."""
+    members = getattr(dataset, "datasets", None)
+    if members is not None:
+        return sum(trained_targets_of(member) for member in members)
+    inner = getattr(dataset, "dataset", None)
+    if not hasattr(dataset, "n_trained") and inner is not None:  # ScoredRows
+        return trained_targets_of(inner)
+    return int(dataset.n_trained[dataset.indices].sum())
 
 
 def training_tokenizer(prefixes, sidecars) -> Dict[str, Any]:

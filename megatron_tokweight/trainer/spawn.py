@@ -4,11 +4,15 @@
 processes with torch.distributed initialised, and returns the list of per-rank return values
 (they must be picklable). An exception on any rank is re-raised here with that rank's traceback.
 Ranks fork from a forkserver started on the first call, so they write to the stdout/stderr
-this process had at that first call.
+this process had at that first call. Ranks die with their launcher, however it ends (`kill -9`
+included): each watches it (`_die_with_launcher`), so no rank trains on, and writes checkpoints,
+unwatched.
 """
 import os
 import socket
 import tempfile
+import threading
+import time
 import traceback
 from typing import Any, Callable, List
 
@@ -21,7 +25,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, backend, result_dir, args):
+def _start_time(pid: int):
+    """The kernel's start time of `pid` (None where /proc is absent): tells a pid reused by
+    another process from the one it named."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _die_with_launcher(launcher: int, poll_seconds: float = 0.5) -> None:
+    """End this rank when the process that spawned it is gone.
+
+    The forkserver a rank forks from is not the launcher and outlives it while any rank lives (each
+    rank holds its keep-alive pipe), so neither the parent's death signal nor the forkserver's
+    exit can reach the ranks: a daemon thread polls the launcher instead."""
+    started = _start_time(launcher)
+
+    def watch():
+        while True:
+            time.sleep(poll_seconds)
+            try:
+                os.kill(launcher, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # exists, owned by someone else: only a reused pid; the start time tells
+            if _start_time(launcher) != started:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tokweight-launcher-watch").start()
+
+
+def _entry(rank, fn, world_size, port, backend, result_dir, launcher, args):
     import torch
     import torch.distributed as dist
 
@@ -29,6 +66,7 @@ def _entry(rank, fn, world_size, port, backend, result_dir, args):
         silence_expected_megatron_warnings,
     )
 
+    _die_with_launcher(launcher)
     silence_expected_megatron_warnings()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # one intra-op thread per rank: ranks share the machine's cores
@@ -58,7 +96,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo")
         try:
             mp.start_processes(
                 _entry,
-                args=(fn, world_size, free_port(), backend, result_dir, args),
+                args=(fn, world_size, free_port(), backend, result_dir, os.getpid(), args),
                 nprocs=world_size,
                 join=True,
                 start_method="forkserver",

@@ -97,9 +97,11 @@ class TaskRule:
                 return cls._build(where, "power", args[0], args[1] if len(args) == 2 else None)
             if len(parts) == 1:
                 try:
-                    return cls._build(where, "constant", float(kind), None)
+                    number = float(kind)
                 except ValueError:
-                    pass
+                    number = None
+                if number is not None:  # "-0.5", "inf": a number, so say what is wrong with it
+                    return cls._build(where, "constant", number, None)
         raise ConfigError(
             f"{where}: cannot read rule {spec!r}; write 'none', a number C, 'constant:C' or 'power:C[:P]' "
             "(C / n^P, P defaults to 0.5)"

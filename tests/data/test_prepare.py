@@ -310,3 +310,58 @@ def test_reader_counts_blank_lines(tmp_path):
     reader = JsonlReader(src)
     assert [line for line, _ in reader] == [1, 4]
     assert reader.blank_lines == 2 and reader.bytes_read == os.path.getsize(src)
+
+
+# ---- inputs and outputs a hostile user gives (each used to end in a traceback or silence) --------
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n"])
+def test_an_input_without_samples_is_an_error(tmp_path, capsys, content):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content)
+    with pytest.raises(DataFormatError, match=rf"{src}: no samples: the file is empty or all of its \d+ lines are blank"):
+        prepare_jsonl(src, tmp_path / "ds")
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # nothing written
+    assert cli.main(["prepare", str(src), "-o", str(tmp_path / "ds"), "--quiet"]) == 2
+    assert "no samples" in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_named(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "abc"}])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataFormatError, match=r"-o .*afile/sub/ds: cannot create the output directory"):
+        prepare_jsonl(src, tmp_path / "afile" / "sub" / "ds")
+    # a read-only directory (simulated: root writes anywhere) fails at the first write, named
+    import megatron_tokweight.data.prepare as prepare
+
+    def read_only(path, directory=False):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(prepare, "atomic_path", read_only)
+    with pytest.raises(DataFormatError, match=r"cannot write the dataset: Permission denied \(.*ro/ds.bin\)"):
+        prepare_jsonl(src, tmp_path / "ro" / "ds")
+
+
+def test_an_output_path_of_the_wrong_kind_is_never_replaced(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "abc"}])
+    (tmp_path / "ds.bin").mkdir()
+    (tmp_path / "ds.bin" / "keep.txt").write_text("somebody's data")
+    with pytest.raises(DataFormatError, match=r"ds.bin exists and is a directory; remove it or choose another"):
+        prepare_jsonl(src, tmp_path / "ds")
+    assert (tmp_path / "ds.bin" / "keep.txt").read_text() == "somebody's data"
+    (tmp_path / "other.tokweight").write_text("")
+    with pytest.raises(DataFormatError, match=r"other.tokweight exists and is a file"):
+        prepare_jsonl(src, tmp_path / "other")
+
+
+def test_a_misspelt_or_non_text_segment_is_an_error(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "q", "response": [{"text": "because", "kind": "rationale"}, {"text": "7", "knd": "answer"}]}])
+    with pytest.raises(DataFormatError, match=r"in.jsonl:1: field 'response\[1\]': unknown key\(s\) 'knd' "
+                                              r"\(did you mean 'kind'\?\)"):
+        prepare_jsonl(src, tmp_path / "ds")
+    write_jsonl(src, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "a "}, {"type": "image", "text": "<img>"}]}]}])
+    with pytest.raises(DataFormatError, match=r"in.jsonl:1: field 'messages\[1\].content\[1\].type': 'image' content "
+                                              "is not text"):
+        prepare_jsonl(src, tmp_path / "ds")

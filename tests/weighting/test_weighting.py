@@ -368,3 +368,11 @@ def test_weight_share_by_task_and_table():
     assert lines[-1].split()[:3] == ["total", "5", "420"]
     with pytest.raises(TokweightError, match="must be 1-D of equal length"):
         weight_share_by_task(names, task_ids, n[:2], w)
+
+
+@pytest.mark.parametrize("rule, problem", [("*=-0.5", "must be >= 0, got -0.5"), ("*=inf", "must be finite, got inf"),
+                                           ("*=nan", "must be finite, got nan")])
+def test_a_bad_number_in_a_rule_says_what_is_wrong(rule, problem):
+    """These used to say only "cannot read rule"."""
+    with pytest.raises(ConfigError, match=rf"task_rules\[0\] \('\*'\): constant rule value: {problem}"):
+        WeightingConfig(task_rules=[rule])
