@@ -4,6 +4,9 @@ Heavy dependencies (torch, Megatron-Core, Transformer Engine, Triton) are import
 importing this package patches nothing and loads only what the attribute you touch needs.
 """
 from megatron_tokweight.common.lazy_exports import lazy_exports
+from megatron_tokweight.common.megatron_version import check_megatron_core
+
+check_megatron_core()  # reads the installed version's metadata only: Megatron itself stays unimported
 
 __version__ = "0.1.0"
 

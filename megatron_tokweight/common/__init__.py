@@ -6,4 +6,5 @@
                       installed megatron-core has them)
   lazy_exports        a package `__getattr__` that imports a public name on first use
   expected_warnings   filters for Megatron's warnings that are expected on CPU
+  megatron_version    the supported megatron-core range, checked when the package is imported
 """
