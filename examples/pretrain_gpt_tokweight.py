@@ -74,6 +74,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 
 def main() -> int:
+    import inspect
+
+    _python311_compat()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
@@ -83,16 +86,33 @@ def main() -> int:
         train_valid_test_datasets_provider,
     )
 
-    pretrain(
-        train_valid_test_datasets_provider,
-        model_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        extra_args_provider=extra_args_provider,
-        # the packed dataset makes its own masks and positions from the sidecar
-        args_defaults={"tokenizer_type": "NullTokenizer"},
-    )
+    # the packed dataset makes its own masks and positions from the sidecar
+    args_defaults = {"tokenizer_type": "NullTokenizer"}
+    hooks = (train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    if "extra_args_provider" in inspect.signature(pretrain).parameters:
+        # megatron-core <= 0.18 (Megatron-LM of that era): pretrain parses the arguments itself
+        pretrain(hooks[0], model_provider, *hooks[1:], extra_args_provider=extra_args_provider,
+                 args_defaults=args_defaults)
+    else:
+        # megatron-core 0.19: arguments are parsed and validated first, then pretrain takes a
+        # config container built from them (megatron/training/argument_utils.py)
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider, args_defaults=args_defaults)
+        pretrain(pretrain_cfg_container_from_args(args), *hooks, model_provider=model_provider)
     return 0
+
+
+def _python311_compat() -> None:
+    """megatron.training of megatron-core 0.19 imports `typing.override` (Python 3.12); on 3.11
+    the identical `typing_extensions.override` stands in."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override
 
 
 if __name__ == "__main__":

@@ -187,11 +187,42 @@ def add_report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """ConfigError for Megatron-LM flags the plugin cannot serve together (read with the plugin's)."""
+    if getattr(args, "use_legacy_models", False):
+        raise ConfigError("megatron-tokweight needs Megatron-Core models; drop --use-legacy-models")
+    pipeline = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if pipeline > 1 and (getattr(args, "micro_batch_size", 1) or 1) > 1:
+        raise ConfigError(
+            "with pipeline parallelism use --micro-batch-size 1: a micro-batch of packed rows travels as one THD "
+            f"stream of micro_batch_size x seq_length tokens, and the pipeline's send/recv shapes assume "
+            f"[seq_length, micro_batch_size] (got micro batch size {args.micro_batch_size})"
+        )
+    long_context = long_context_config_from_args(args)
+    if long_context is not None and long_context.scores_each_step and pipeline > 1:
+        raise ConfigError(
+            f"--long-context-scorer unfrozen (and rho1) scores with the whole model before each step: use "
+            f"--pipeline-model-parallel-size 1 (got {pipeline}), or the frozen scorer"
+        )
+
+
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM `pretrain(..., extra_args_provider=extra_args_provider)`: weighting, long-context,
-    packing and report flags."""
+    packing and report flags. The returned parser also refuses, as it parses, flag combinations the
+    plugin cannot serve (`check_flag_combinations`): before any rank builds a model."""
     add_weighting_args(parser)
     add_long_context_args(parser)
     add_packing_args(parser)
     add_report_args(parser)
+    parse_known_args = parser.parse_known_args  # Megatron-LM calls parse_args, which calls this
+
+    def parse_and_check(*args, **kwargs):
+        namespace, rest = parse_known_args(*args, **kwargs)
+        try:
+            check_flag_combinations(namespace)
+        except ConfigError as err:
+            parser.error(str(err))  # argparse's refusal: usage, the message, exit status 2
+        return namespace, rest
+
+    parser.parse_known_args = parse_and_check  # this parser only: nothing global is changed
     return parser

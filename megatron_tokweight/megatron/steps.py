@@ -227,25 +227,14 @@ def steps_from_megatron_args(args) -> TokweightSteps:
 
     from megatron_tokweight.longcontext.scorer_online import step_scorer
     from megatron_tokweight.megatron.arguments import (
+        check_flag_combinations,
         long_context_config_from_args,
         weighting_config_from_args,
     )
     from megatron_tokweight.megatron.datasets_provider import report_names_from_args
 
-    if getattr(args, "use_legacy_models", False):
-        raise ConfigError("megatron-tokweight needs Megatron-Core models; drop --use-legacy-models")
-    if args.pipeline_model_parallel_size > 1 and args.micro_batch_size > 1:
-        raise ConfigError(
-            "with pipeline parallelism use --micro-batch-size 1: a micro-batch of packed rows travels as one THD "
-            f"stream of micro_batch_size x seq_length tokens, and the pipeline's send/recv shapes assume "
-            f"[seq_length, micro_batch_size] (got micro batch size {args.micro_batch_size})"
-        )
+    check_flag_combinations(args)  # done at parse time already (extra_args_provider); kept for own parsers
     long_context = long_context_config_from_args(args)
-    if long_context is not None and long_context.scores_each_step and args.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            f"--long-context-scorer unfrozen (and rho1) scores with the whole model before each step: use "
-            f"--pipeline-model-parallel-size 1 (got {args.pipeline_model_parallel_size}), or the frozen scorer"
-        )
     task_names, dataset_names = report_names_from_args(args)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     return TokweightSteps(

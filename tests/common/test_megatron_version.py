@@ -1,7 +1,10 @@
 """The supported megatron-core range: refused outside it, at import, naming both versions."""
 import pytest
 
-from megatron_tokweight.common.megatron_version import check_megatron_core, installed_version
+from megatron_tokweight.common.megatron_version import (
+    check_megatron_core,
+    installed_version,
+)
 
 
 @pytest.mark.parametrize("version", ["0.16.1", "0.17.0", "0.19.0", "0.19.2", "0.19.11"])

@@ -374,7 +374,9 @@ def test_checkpoint_records_the_model_and_the_scorer_refuses_another_vocabulary(
 # Megatron-LM hooks (one rank; TP = 2 runs in tests/test_megatron_hooks.py's spawn)
 
 
-def megatron_args(argv):
+def megatron_args(argv, checked=True):
+    """Megatron-LM-like arguments with the plugin's flags; `checked=False` skips the parse-time
+    refusal of flag combinations, to reach the readers' own errors."""
     import argparse
 
     from megatron_tokweight.megatron.arguments import extra_args_provider
@@ -388,10 +390,15 @@ def megatron_args(argv):
                          ("--calculate-per-token-loss", dict(action="store_true")),
                          ("--check-for-nan-in-loss-and-grad", dict(action="store_true"))):
         parser.add_argument(flag, **kwargs)
-    return extra_args_provider(parser).parse_args(argv)
+    parser = extra_args_provider(parser)
+    if checked:
+        return parser.parse_args(argv)
+    namespace, rest = argparse.ArgumentParser.parse_known_args(parser, argv)
+    assert not rest, rest
+    return namespace
 
 
-def test_megatron_long_context_flags(tmp_path):
+def test_megatron_long_context_flags(tmp_path, capsys):
     from megatron_tokweight.megatron.arguments import long_context_config_from_args
 
     assert long_context_config_from_args(megatron_args([])) is None  # off unless asked for
@@ -402,11 +409,15 @@ def test_megatron_long_context_flags(tmp_path):
     assert (config.method, config.kappa, config.lam, config.short_context, config.stride, config.scorer) == (
         "sparse", 0.5, 0.9, 16, 8, "unfrozen")
     assert long_context_config_from_args(megatron_args(["--long-context-method", "longce"])).gamma == 5.0
+    bad_stride = ["--long-context-short-context", "4", "--long-context-stride", "5"]
     with pytest.raises(ConfigError, match="--long-context-\\* flags: long_context.stride must lie in"):
-        long_context_config_from_args(megatron_args(["--long-context-short-context", "4", "--long-context-stride", "5"]))
+        long_context_config_from_args(megatron_args(bad_stride, checked=False))
+    with pytest.raises(SystemExit):  # and Megatron-LM's parse refuses it before anything is built
+        megatron_args(bad_stride)
+    assert "long_context.stride must lie in" in capsys.readouterr().err
     path.write_text("method: dense\nlamda: 0.3\n")
     with pytest.raises(ConfigError, match="lc.yaml and --long-context-\\* flags: long_context: unknown key 'lamda'"):
-        long_context_config_from_args(megatron_args(["--long-context-config", str(path)]))
+        long_context_config_from_args(megatron_args(["--long-context-config", str(path)], checked=False))
     with pytest.raises(SystemExit):
         megatron_args(["--long-context-method", "helm"])
 
@@ -472,7 +483,8 @@ def test_megatron_online_scorer_refuses_pipeline_parallelism(data):
 
     args = megatron_args(["--data-path", str(data / "train"), "--seq-length", str(SEQ),
                           "--pipeline-model-parallel-size", "2", "--long-context-scorer", "unfrozen",
-                          "--long-context-short-context", "8", "--long-context-stride", "4"])
-    # refused from the arguments alone, before any parallel state is read
+                          "--long-context-short-context", "8", "--long-context-stride", "4"], checked=False)
+    # refused from the arguments alone, before any parallel state is read (for arguments parsed
+    # without extra_args_provider's check, which refuses them first: tests/megatron)
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 1 \\(got 2\\)"):
         steps_from_megatron_args(args)

@@ -6,6 +6,7 @@ flattening, one process with torch.nn.functional.cross_entropy for the loss.
 """
 import argparse
 import py_compile
+import re
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,22 @@ def test_args_round_trip_into_the_dataset_config(tmp_path, prepared_prefix):
     assert report_names(plain) == (("qa",), ())
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline-model-parallel-size", "2", "--long-context-scorer", "unfrozen"],
+     "--long-context-scorer unfrozen .* use --pipeline-model-parallel-size 1 \\(got 2\\)"),
+    (["--pipeline-model-parallel-size", "2", "--long-context-method", "rho1"], "got 2\\), or the frozen scorer"),
+    (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2"], "use --micro-batch-size 1"),
+])
+def test_flag_combinations_refused_while_parsing(capsys, argv, message):
+    """Before any rank builds a model: argparse's own refusal (usage, message, exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        megatron_args(["--seq-length", "64", *argv])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    megatron_args(["--seq-length", "64", "--pipeline-model-parallel-size", "2",
+                   "--long-context-scorer", "frozen"])  # the frozen scorer works with pipelines
+
+
 def test_vocab_check_names_the_flag_to_use(tmp_path, prepared_prefix):
     from megatron_tokweight.data.sidecar import read_sidecar
     from megatron_tokweight.errors import ConfigError
@@ -326,6 +343,59 @@ def test_example_script_compiles_without_megatron_lm():
         with pytest.raises(ImportError, match="megatron.training"):
             module.main()  # main() is where Megatron-LM is imported
 
+
+
+_RUN_EXAMPLE_MAIN = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("script", sys.argv[1])
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+module._python311_compat()
+import megatron.training as training
+calls = []
+training.pretrain = lambda cfg, *hooks, model_provider=None: calls.append((cfg, hooks, model_provider))
+sys.argv = ["pretrain_gpt_tokweight.py"] + sys.argv[2:]
+assert module.main() == 0
+from megatron.training import get_args
+from megatron_tokweight.megatron import forward_step, train_valid_test_datasets_provider
+cfg, hooks, provider = calls[0]
+args = get_args()
+print(type(cfg).__name__, hooks[0] is train_valid_test_datasets_provider, hooks[2] is forward_step,
+      provider is module.model_provider, args.token_weighting_preset, args.pack_overlong, args.tokenizer_type)
+"""
+
+
+def test_example_script_takes_the_019_pretrain_api(tmp_path):
+    """megatron-core 0.19: arguments parsed and validated with the plugin's flags, then
+    `pretrain(config_container, datasets_provider, model_type, forward_step, model_provider=...)`
+    (`pretrain` itself replaced: the training run is not what this checks)."""
+    import importlib.util
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("megatron.training") is None:
+        pytest.skip("megatron.training is not installed (megatron-core < 0.19 ships without it)")
+    spec = importlib.util.spec_from_file_location("pretrain_gpt_tokweight", REPO / "examples" / "pretrain_gpt_tokweight.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example._python311_compat()  # megatron.training of 0.19 on Python 3.11
+    import megatron.training
+
+    if "extra_args_provider" in inspect.signature(megatron.training.pretrain).parameters:
+        pytest.skip("this megatron.training has the pre-0.19 pretrain signature")
+    script = tmp_path / "run_main.py"
+    script.write_text(_RUN_EXAMPLE_MAIN)
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--micro-batch-size", "1", "--global-batch-size", "2",
+            "--train-iters", "1", "--lr", "1e-3", "--data-path", str(tmp_path / "unused"), "--split", "1,0,0",
+            "--vocab-size", "262", "--token-weighting-preset", "molmo2", "--pack-overlong", "split",
+            "--transformer-impl", "local"]
+    proc = subprocess.run([sys.executable, str(script), str(REPO / "examples" / "pretrain_gpt_tokweight.py"), *argv],
+                          capture_output=True, text=True, env=dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-7:] == ["PretrainConfigContainer", "True", "True", "True", "molmo2", "split",
+                                        "NullTokenizer"]
 
 # ----------------------------------------------------------------------------- one spawn, 2 ranks
 #
