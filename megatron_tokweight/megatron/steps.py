@@ -216,8 +216,8 @@ def loss_func(micro_batch, stats, settings, output_tensor: torch.Tensor, model=N
 
 # ----------------------------------------------------------------------------- Megatron-LM hooks
 
-_HOOKS: Optional[TokweightSteps] = None
-_CHECKS: Optional[Callable[[torch.Tensor], None]] = None
+# (Megatron-LM's args, the TokweightSteps and the loss checks built from them)
+_HOOKS: Optional[Tuple[object, TokweightSteps, Callable[[torch.Tensor], None]]] = None
 
 
 def steps_from_megatron_args(args) -> TokweightSteps:
@@ -279,12 +279,14 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     Wraps the iterator Megatron-LM's `train_step` hands to the schedule in a
     `GlobalBatchPrefetcher` at its first use, so Z is computed before each step's first backward.
     """
-    global _HOOKS, _CHECKS
-    if _HOOKS is None:
-        from megatron.training import get_args
+    global _HOOKS
+    from megatron.training import get_args
 
-        args = get_args()
-        _HOOKS = steps_from_megatron_args(args)
-        _CHECKS = _megatron_checks(args)
-    output_tensor, step_loss_func = _HOOKS.forward_step(data_iterator, model, return_schedule_plan)
-    return output_tensor, partial(step_loss_func, checks=_CHECKS)
+    args = get_args()
+    # built once per set of Megatron-LM arguments: a second pretrain() in one process (tests,
+    # Megatron's in-process restart) parses new arguments and must not reuse the old settings
+    if _HOOKS is None or _HOOKS[0] is not args:
+        _HOOKS = (args, steps_from_megatron_args(args), _megatron_checks(args))
+    _, steps, checks = _HOOKS
+    output_tensor, step_loss_func = steps.forward_step(data_iterator, model, return_schedule_plan)
+    return output_tensor, partial(step_loss_func, checks=checks)

@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from loss_batches import HIDDEN, ROWS, SEQ, VOCAB, global_batch  # noqa: E402
+from pretrain_harness import CudaToCpu, HostStream  # noqa: E402
 
 from megatron_tokweight.trainer.spawn import spawn
 
@@ -133,27 +134,6 @@ def _micro_batches(dp_rank, dp, m):
     return out
 
 
-class _HostStream:
-    """`torch.cuda.current_stream()` on the host: there is nothing to wait for."""
-
-    def wait_event(self, event):
-        pass
-
-    def wait_stream(self, stream):
-        pass
-
-
-class _CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Tensors the schedule allocates with device="cuda" land on the CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        device = kwargs.get("device")
-        if device is not None and "cuda" in str(device):
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
 def _run(tp, pp, dp, m, mode, per_token, variant):
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -198,7 +178,7 @@ def _run(tp, pp, dp, m, mode, per_token, variant):
         return model(batch["tokens"], batch["labels"]), make_loss_func(batch, stats, settings)
 
     model.zero_grad_buffer()
-    with _CudaToCpu():
+    with CudaToCpu():
         losses = forward_backward_pipelining_without_interleaving(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
             num_microbatches=m, seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=1)
@@ -231,7 +211,7 @@ def _pipeline_rank(rank, world_size):
     torch.cuda.current_device = lambda: "cpu"  # p2p receive buffers and DDP's grad buffers
     # megatron-core 0.19 DDP (`distributed/param_and_grad_buffer.py`, start_grad_sync) waits on
     # the current stream for CUDA-graph events a CPU run never records
-    torch.cuda.current_stream = lambda device=None: _HostStream()
+    torch.cuda.current_stream = lambda device=None: HostStream()
     from megatron.core import parallel_state
 
     cases = []
