@@ -4,8 +4,8 @@ packed rows of a prepared prefix), on CPU over gloo with the stand-ins of `pretr
 
 One spawn of 4 ranks per layout (TP, PP, DP) = (2, 1, 2), (1, 2, 2), (2, 2, 1) runs one iteration
 (SGD, 4 packed rows per step: 1 or 2 micro-batches of one row per DP rank, the same full weights
-whatever the layout) in two (normalization, `--calculate-per-token-loss`) settings each, so that
-every mode meets both settings; then, on TP 2 x DP 2, four iterations straight, and two
+whatever the layout) in each normalization mode, the `--calculate-per-token-loss` setting
+alternating so that every mode meets both; then, on TP 2 x DP 2, four iterations straight, and two
 iterations, a checkpoint, and a resumption to four. The reference is computed in the same ranks afterwards,
 with TP = PP = 1: the same model on the step's four rows, `F.cross_entropy(reduction="none")` in
 float64, L = sum w l / Z. Asserted: the logged `weighted loss` is L and every gradient after
@@ -108,11 +108,12 @@ def _reference(prefix, cache, mode):
         reset_megatron_globals()
 
 
-# every normalization mode in both --calculate-per-token-loss settings, each layout twice; one spawn
-# per layout (a second layout in the same processes hangs in Megatron's leftover global state)
-CASES = {(2, 1, 2): [("weight_sum", False), ("sample_count", True)],
-         (1, 2, 2): [("sample_count", False), ("token_count", True)],
-         (2, 2, 1): [("token_count", False), ("weight_sum", True)]}
+# every layout in every normalization mode, and every mode in both --calculate-per-token-loss
+# settings; one spawn per layout (a second layout in the same processes hangs in Megatron's
+# leftover global state)
+CASES = {(2, 1, 2): [("weight_sum", False), ("sample_count", True), ("token_count", False)],
+         (1, 2, 2): [("weight_sum", True), ("sample_count", False), ("token_count", True)],
+         (2, 2, 1): [("weight_sum", False), ("sample_count", True), ("token_count", False)]}
 RESUME_LAYOUT = (2, 1, 2)
 
 
@@ -204,7 +205,8 @@ def test_pretrain_gradients_equal_the_single_process_objective(pretrain_runs):
         reference = pretrain_runs[0]["references"][key[4]][1]
         errors[key] = _worst_gradient_error([r["runs"][key]["grads"] for r in pretrain_runs], reference)
     print(f"\npretrain(): worst relative gradient error {max(errors.values()):.2e} over {len(errors)} runs")
-    assert sorted((k[4], k[5]) for k in errors) == sorted((m, t) for m in MODES for t in (False, True))
+    assert {(k[4], k[5]) for k in errors} == {(m, t) for m in MODES for t in (False, True)}
+    assert {(k[1:4], k[4]) for k in errors} == {(layout, m) for layout in CASES for m in MODES}
     assert max(errors.values()) <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:4]
 
 
