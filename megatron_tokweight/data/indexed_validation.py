@@ -46,8 +46,8 @@ def validate_against_indexed_dataset(prefix, check_token_ids: bool = False) -> S
 
     Catches a truncated or padded .bin, a truncated .idx, a sidecar from another run (sample count,
     lengths, token dtype, the files' recorded sha256), bad span bounds, a broken CSR index and
-    out-of-range ids. With
-    `check_token_ids` it also reads every token once to check the ids fit the tokenizer.
+    out-of-range ids. With `check_token_ids` it also reads every token once to check the ids fit
+    the tokenizer.
     """
     prefix = os.fspath(prefix)
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"

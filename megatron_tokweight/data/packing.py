@@ -165,12 +165,12 @@ def _available_memory() -> int:
 def _check_pieces_fit(num_pieces: int, seq_length: int, itemsize: int) -> None:
     """Refuse, with the numbers, a split that makes more pieces than the packer can index (int32
     ids) or than memory can hold: the arrays would otherwise grow until the kernel kills us."""
-    need = num_pieces * _BYTES_PER_PIECE[itemsize]
-    if num_pieces > _MAX_PIECES or need > _available_memory():
+    need, available = num_pieces * _BYTES_PER_PIECE[itemsize], _available_memory()
+    if num_pieces > _MAX_PIECES or need > available:
         raise DataFormatError(
             f"overlong='split' at seq_length {seq_length} cuts the samples into {num_pieces:,} pieces, "
             f"about {need / 2**30:,.1f} GiB of packing arrays (at most {_MAX_PIECES:,} pieces, "
-            f"{_available_memory() / 2**30:,.1f} GiB available); raise seq_length, or truncate or drop "
+            f"{available / 2**30:,.1f} GiB available); raise seq_length, or truncate or drop "
             "the overlong samples"
         )
 
