@@ -4,4 +4,5 @@
                     packed_token_loss
   packed_attention  packed (THD) core attention for CPU; TE spec selection on GPU
   checkpoint        checkpoints of the CPU loop: model shard, optimizer, data position, RNG
+  greedy            greedy decoding of packed prompts (last-position logits only)
 """
