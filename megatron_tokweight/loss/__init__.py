@@ -2,6 +2,8 @@
 
 - `cross_entropy`: `weighted_cross_entropy` / `per_token_cross_entropy` on Megatron's
   vocab-parallel cross-entropy (TP collectives only).
+- `fused_linear_cross_entropy`: `fused_linear_weighted_cross_entropy` (the output layer and the
+  weighted cross-entropy over token chunks: no logits held; torch or Triton kernels).
 - `normalizer`: `Normalization`, `GlobalBatchStats`, `global_batch_stats` (one DP x CP all-reduce).
 - `loss_func`: `LossSettings`, `make_loss_func` (exact L under Megatron's stock schedules in both
   `calculate_per_token_loss` settings), `stock_loss_func` (Megatron's unweighted mean, for comparison).
@@ -17,6 +19,10 @@ from megatron_tokweight.loss.cross_entropy import (
     cross_entropy_path,
     per_token_cross_entropy,
     weighted_cross_entropy,
+)
+from megatron_tokweight.loss.fused_linear_cross_entropy import (
+    fused_linear_weighted_cross_entropy,
+    fused_target_logprobs,
 )
 from megatron_tokweight.loss.loss_func import (
     LossSettings,
@@ -42,6 +48,8 @@ __all__ = [
     "apply_token_weights",
     "count_loss_tokens",
     "cross_entropy_path",
+    "fused_linear_weighted_cross_entropy",
+    "fused_target_logprobs",
     "global_batch_stats",
     "make_loss_func",
     "micro_batch_report",

@@ -26,7 +26,7 @@ consumes; from logits use `per_token_cross_entropy`.
 """
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, Iterable, Mapping, Tuple, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -99,19 +99,30 @@ class LossSettings:
 
 
 def weighted_loss_func(
-    micro_batch: Mapping[str, torch.Tensor], stats: GlobalBatchStats, settings: LossSettings, output_tensor: torch.Tensor
+    micro_batch: Mapping[str, torch.Tensor],
+    stats: GlobalBatchStats,
+    settings: LossSettings,
+    output_tensor: torch.Tensor,
+    *,
+    per_token_loss: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """(loss, num_tokens, report) for one micro-batch; see the module docstring for the scaling.
 
-    `output_tensor` is the per-token cross-entropy, shaped like `micro_batch["loss_mask"]`. The
-    weights were validated by `global_batch_stats`; here nothing syncs with the host and nothing
-    communicates.
+    `output_tensor` is the per-token cross-entropy, shaped like `micro_batch["loss_mask"]`; or,
+    when `per_token_loss` (l, no gradient needed) is given, the already weighted w * l of the
+    fused linear cross-entropy (`loss.fused_linear_cross_entropy`), whose gradient then arrives as
+    one value for every token. The weights were validated by `global_batch_stats`; here nothing
+    syncs with the host and nothing communicates.
     """
     weights, mask = micro_batch["loss_weights"], micro_batch["loss_mask"]
     if not isinstance(output_tensor, torch.Tensor):
         raise DataFormatError(f"the loss function takes the per-token loss tensor, got {type(output_tensor).__name__}")
     checks.check_same_shape("the per-token loss (model output)", output_tensor, "loss_mask", mask)
-    weighted = apply_token_weights(output_tensor, weights)
+    if per_token_loss is None:
+        weighted, per_token_loss = apply_token_weights(output_tensor, weights), output_tensor
+    else:
+        checks.check_same_shape("per_token_loss", per_token_loss, "loss_mask", mask)
+        weighted = output_tensor.float()
     weighted_sum = weighted.sum()
     num_tokens = count_loss_tokens(mask)
     z = stats.normalizer(settings.normalization)
@@ -122,15 +133,19 @@ def weighted_loss_func(
     else:
         scale = settings.num_microbatches * settings.dp_cp_size / z
         loss = weighted_sum * (num_tokens.clamp(min=1).to(weighted_sum.dtype) * scale)
-    report = micro_batch_report(output_tensor, weighted, micro_batch, stats, settings, weighted_sum)
+    report = micro_batch_report(per_token_loss, weighted, micro_batch, stats, settings, weighted_sum)
     return loss, num_tokens, report
 
 
 def make_loss_func(
-    micro_batch: Mapping[str, torch.Tensor], stats: GlobalBatchStats, settings: LossSettings
+    micro_batch: Mapping[str, torch.Tensor],
+    stats: GlobalBatchStats,
+    settings: LossSettings,
+    per_token_loss: Optional[torch.Tensor] = None,
 ) -> Callable[[torch.Tensor], LossOutput]:
-    """The `loss_func(output_tensor)` a forward_step returns for this micro-batch (picklable)."""
-    return partial(weighted_loss_func, micro_batch, stats, settings)
+    """The `loss_func(output_tensor)` a forward_step returns for this micro-batch (picklable);
+    with `per_token_loss`, the output tensor is the fused path's w * l (`weighted_loss_func`)."""
+    return partial(weighted_loss_func, micro_batch, stats, settings, per_token_loss=per_token_loss)
 
 
 def stock_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> LossOutput:

@@ -10,6 +10,12 @@ one step through `megatron_tokweight.trainer.forward_backward.forward_backward` 
     (each row's tokens split over 2 CP ranks), x 3 normalizations x calculate_per_token_loss
     in {False, True}.
 
+The same matrix runs the fused linear cross-entropy (`loss.fused_linear_weighted_cross_entropy`,
+chunks of 5 tokens so chunks are ragged) in place of the output layer + cross-entropy, with
+sequence parallel off and, where the sequence divides by TP, on (the hidden states enter as this
+rank's sequence shard through `_ScatterSequence`, whose backward all-gathers, the semantics of
+Megatron's `scatter_to_sequence_parallel_region`, which allocates on CUDA).
+
 Megatron's parallel state is initialised with TP = 2, so the TP-2 configurations run Megatron's
 own `vocab_parallel_cross_entropy` (their subgroups have the global TP group's ranks) and the TP-4
 ones the explicit-group path.
@@ -37,6 +43,7 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (2, 2, 1), (4, 2, 1), (1,
 MICRO_BATCHES = (1, 3)
 MUTATION_TP = (2, 2, 1, 3)  # (TP, DP, CP, M) for the TP mutations
 MUTATION_MB = (1, 2, 1, 3)  # for per-micro-batch normalization
+EXACT = ("exact", "fused", "fused-sp")  # variants that must equal the reference
 
 
 # ----------------------------------------------------------------------------- data and weights
@@ -106,6 +113,23 @@ def _micro_batches(batch, dp, dp_rank, cp, cp_rank, m):
     return out
 
 
+class _ScatterSequence(torch.autograd.Function):
+    """Forward: this rank's block of the sequence dimension; backward: all-gather of the blocks."""
+
+    @staticmethod
+    def forward(ctx, hidden, group):
+        ctx.group = group
+        return hidden.chunk(group.size(), dim=0)[group.rank()].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(grad) for _ in range(ctx.group.size())]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=0), None
+
+
 class TinyModel(torch.nn.Module):
     """Vocab-parallel embedding -> replicated tanh layer -> column-parallel output layer."""
 
@@ -133,9 +157,24 @@ class TinyModel(torch.nn.Module):
             self.output_layer.weight.copy_(weights["output"][shard])
 
     def forward(self, tokens):
-        hidden = torch.tanh(self.hidden(self.embedding(tokens)))  # [b, s, h]
-        logits, _ = self.output_layer(hidden.transpose(0, 1).contiguous())
+        logits, _ = self.output_layer(self._hidden(tokens))
         return logits  # [s, b, v / tp]
+
+    def _hidden(self, tokens):
+        return torch.tanh(self.hidden(self.embedding(tokens))).transpose(0, 1).contiguous()  # [s, b, h]
+
+    def fused(self, micro_batch, tp_group, sequence_parallel):
+        """(w l, log p) [b, s] through the fused linear cross-entropy on the output layer's weight."""
+        from megatron_tokweight.loss import fused_linear_weighted_cross_entropy
+
+        hidden = self._hidden(micro_batch["tokens"])
+        if sequence_parallel:
+            hidden = _ScatterSequence.apply(hidden, tp_group)
+        weighted, logprob = fused_linear_weighted_cross_entropy(
+            hidden, self.output_layer.weight, micro_batch["labels"].t(), micro_batch["loss_weights"].t(), tp_group,
+            sequence_parallel=sequence_parallel, chunk_size=5, return_logprobs=True,
+        )
+        return weighted.t(), logprob.t()
 
 
 def _forward_step(settings, tp_group, data_iterator, model):
@@ -145,6 +184,22 @@ def _forward_step(settings, tp_group, data_iterator, model):
     logits = model(micro_batch["tokens"])
     per_token = per_token_cross_entropy(logits, micro_batch["labels"].t(), tp_group).t()
     return per_token, make_loss_func(micro_batch, stats, settings)
+
+
+def _fused_forward_step(settings, tp_group, sequence_parallel, data_iterator, model):
+    from megatron_tokweight.loss import make_loss_func
+
+    micro_batch, stats = next(data_iterator)
+    weighted, logprob = model.fused(micro_batch, tp_group, sequence_parallel)
+    return weighted, make_loss_func(micro_batch, stats, settings, per_token_loss=-logprob)
+
+
+def _variants(tp, cp):
+    """The exact variants a layout runs: Megatron's path, fused, fused with sequence parallel."""
+    variants = ["exact", "fused"]
+    if tp > 1 and (SEQ // cp) % tp == 0:
+        variants.append("fused-sp")
+    return variants
 
 
 def _layout_groups(tp, dp, cp):
@@ -205,22 +260,25 @@ def _matrix_rank(rank, world_size):
                     stats.append(GlobalBatchStats(s.weight_sum * m, s.loss_tokens * m, s.num_samples * m, s.task_loss_tokens,
                                                   s.task_weight_sum, s.dataset_loss_tokens, s.dataset_weight_sum))
             model.zero_grad(set_to_none=True)
+            forward_step = (partial(_fused_forward_step, settings, tp_group, variant == "fused-sp")
+                            if variant.startswith("fused") else partial(_forward_step, settings, tp_group))
             reports, total = forward_backward(
-                partial(_forward_step, settings, tp_group), iter(zip(micro_batches, stats)), model, m,
+                forward_step, iter(zip(micro_batches, stats)), model, m,
                 ScheduleConfig(calculate_per_token_loss=per_token), dpcp_group, cp_size=cp,
             )
             results.append(dict(
                 key=(tp, dp, cp, m, mode, per_token, variant), rank=rank, tp_rank=tp_rank, path=path,
                 total_num_tokens=int(total), tokens_dtype=str(total.dtype),
                 # the mutations' per-micro-batch stats give micro-batches different report keys
-                report=reduce_reports(reports, dpcp_group) if variant == "exact" else None,
+                report=reduce_reports(reports, dpcp_group) if variant in EXACT else None,
                 grads={name: p.grad.detach().clone() for name, p in model.named_parameters()},
             ))
 
-        for m in MICRO_BATCHES:
-            for mode in MODES:
-                for per_token in (False, True):
-                    step(m, mode, per_token)
+        for variant in _variants(tp, cp):
+            for m in MICRO_BATCHES:
+                for mode in MODES:
+                    for per_token in (False, True):
+                        step(m, mode, per_token, variant)
         for mode in MODES:
             if (tp, dp, cp) == MUTATION_TP[:3]:
                 step(MUTATION_TP[3], mode, False, "tp-summed-weights")
@@ -272,8 +330,8 @@ def matrix():
     for rank_results in spawn(_matrix_rank, 8):
         for r in rank_results:
             cases.setdefault(r["key"], []).append(r)
-    exact = {key: results for key, results in cases.items() if key[-1] == "exact"}
-    return exact, {key: results for key, results in cases.items() if key[-1] != "exact"}
+    exact = {key: results for key, results in cases.items() if key[-1] in EXACT}
+    return exact, {key: results for key, results in cases.items() if key[-1] not in EXACT}
 
 
 def _worst_grad_error(rank_results, ref_grads):
@@ -285,8 +343,10 @@ def test_loss_and_gradients_are_invariant_to_tp_dp_cp_and_micro_batches(matrix):
     exact, _ = matrix
     batch = global_batch()
     refs = {mode: reference(mode) for mode in MODES}
-    assert len(exact) == len(LAYOUTS) * len(MICRO_BATCHES) * len(MODES) * 2
-    failures = []
+    per_variant = len(MICRO_BATCHES) * len(MODES) * 2
+    assert len(exact) == sum(len(_variants(tp, cp)) for tp, _, cp in LAYOUTS) * per_variant
+    assert {key[-1] for key in exact} == set(EXACT)
+    failures, worst = [], {}
     for key, rank_results in sorted(exact.items(), key=lambda kv: str(kv[0])):
         tp, dp, cp, m, mode, per_token, variant = key
         assert len(rank_results) == tp * dp * cp, key
@@ -298,8 +358,10 @@ def test_loss_and_gradients_are_invariant_to_tp_dp_cp_and_micro_batches(matrix):
             errors += [abs(r["report"][k] - v) / max(abs(v), 1e-12) for k, v in ref_report.items()]
             if per_token:  # finalize's all-reduced int32 total is the global loss-token count
                 assert r["total_num_tokens"] == int(batch["loss_mask"].sum()), key
+        worst[variant] = max(worst.get(variant, 0.0), max(errors))
         if max(errors) > TOL:
             failures.append((key, max(errors)))
+    print(f"worst relative error per variant (loss, reports, gradients): {worst}")
     assert not failures, f"{len(failures)} cases exceed {TOL}: {failures[:10]}"
 
 
