@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": ("megatron_tokweight.cli.demo", "the main job: uniform vs molmo2-weighted training on an embedded corpus"),
     "train": ("megatron_tokweight.cli.train", "train on prepared data from a YAML config"),
     "score": ("megatron_tokweight.cli.score", "offline short-context scoring for long-context weights"),
+    "inspect": ("megatron_tokweight.cli.inspect", "show packed rows as training sees them: tokens, targets, weights"),
 }
 
 

@@ -14,14 +14,19 @@ from megatron_tokweight.data.packing import ALGORITHMS, OVERLONG_POLICIES
 
 def add_arguments(parser) -> None:
     parser.add_argument("prefix", help="dataset prefix written by `tokweight prepare` (PREFIX.bin/.idx/.tokweight)")
+    add_packing_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--plot", metavar="PNG_PATH", help="write a histogram of row fill to this PNG")
+
+
+def add_packing_arguments(parser) -> None:
+    """--seq-length, --algorithm, --overlong, --context-parallel-size (also `tokweight inspect`'s)."""
     parser.add_argument("--seq-length", type=int, required=True, metavar="L", help="tokens per packed row")
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="bfd", help="packing algorithm (default: bfd)")
     parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
                         help="samples longer than L: truncate, split or drop (default: truncate)")
     parser.add_argument("--context-parallel-size", type=int, default=1, metavar="CP",
                         help="pad every sample to a multiple of 2 x CP as the dataset does (default: 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--plot", metavar="PNG_PATH", help="write a histogram of row fill to this PNG")
 
 
 def run(args) -> int:
