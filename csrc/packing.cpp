@@ -1,14 +1,15 @@
 // Bin packing of sample lengths into rows of `capacity` tokens (megatron_tokweight.data._packing).
 //
 // Indexing only: numpy lengths in; per item bin and offset, per bin fill and the items in row
-// order out. Policy (overlong samples, empty samples) is decided by megatron_tokweight.packing.
+// order out. Policy (overlong samples, empty samples) is decided by megatron_tokweight.data.packing.
 //
-// Every function returns a dict of arrays in the lengths' dtype (every value fits int32, as n and
-// capacity are <= INT32_MAX, so int32 lengths get int32 arrays and half the memory traffic): per
-// item `bin`, `offset` (item i sits in bin[i] at token offset[i]); per bin `bin_fill` [B] and
-// `bin_start` [B + 1]; and the items in row order (sorted by (bin, offset)): `row_order` [N] with
-// their `row_bin`, `row_offset` and `row_length`, bin b's items being
-// row_order[bin_start[b] : bin_start[b + 1]].
+// Bound for int32 lengths only (`*_int32`): every value fits int32 (n and capacity are <=
+// INT32_MAX), and an int64 variant only doubled the memory traffic; the Python front end hands
+// every integer dtype over as int32 once it has checked and cut the lengths. Every function
+// returns a dict of int32 arrays: per item `bin`, `offset` (item i sits in bin[i] at token
+// offset[i]); per bin `bin_fill` [B] and `bin_start` [B + 1]; and the items in row order (sorted
+// by (bin, offset)): `row_order` [N] with their `row_bin`, `row_offset` and `row_length`, bin b's
+// items being row_order[bin_start[b] : bin_start[b + 1]].
 // Items of length 0 are accepted (they fit anywhere); lengths < 0 or > capacity raise ValueError.
 //
 // Three passes over memory. The decreasing packers work on runs of equal length: a bin takes as
@@ -571,6 +572,5 @@ PYBIND11_MODULE(_packing, m) {
     m.attr("MAX_CAPACITY") = kMaxCapacity;
     m.attr("MAX_BEST_FIT_CAPACITY") = kMaxBestFitCapacity;
     bind_variants<int32_t>(m, "int32");
-    bind_variants<int64_t>(m, "int64");
 }
 

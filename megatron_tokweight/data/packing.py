@@ -19,7 +19,7 @@ from megatron_tokweight.errors import ConfigError, DataFormatError
 ALGORITHMS = ("bfd", "ffd", "next-fit")
 OVERLONG_POLICIES = ("truncate", "split", "drop")
 
-# algorithm name -> function name stem in megatron_tokweight.data._packing
+# algorithm name -> function name stem in megatron_tokweight.data._packing (`STEM_int32`)
 _CPP_STEMS = {"bfd": "best_fit_decreasing", "ffd": "first_fit_decreasing", "next-fit": "next_fit"}
 _MAX_SEQ_LENGTH = 2**31 - 1  # the C++ keeps remaining capacities in int32
 _MAX_BFD_SEQ_LENGTH = 2**24  # BFD keeps one bucket per remaining capacity
@@ -38,8 +38,8 @@ class PackResult:
     Per piece, sorted by (row, offset): `piece_sample`, `piece_start` (token offset within the
     sample), `piece_length`, `piece_row`, `piece_offset`; row r's pieces are
     `row_piece_offsets[r] : row_piece_offsets[r + 1]`.
-    Every array has one dtype: int32 when the lengths' dtype fits in int32 (int8, int16, int32,
-    uint8, uint16), int64 otherwise.
+    Every array has one dtype, whatever the lengths' integer dtype: int32, or int64 only when
+    overlong="split" cuts a sample longer than 2**31 - 1 tokens (its pieces start past int32).
     """
 
     algorithm: str
@@ -191,22 +191,24 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
     seq_length = check_pack_options(seq_length, algorithm, overlong)
     lengths = _checked_lengths(lengths)
     n = len(lengths)
-    if n > np.iinfo(np.int32).max:  # ids are int32 in the C++ and, for narrow lengths, here
+    if n > np.iinfo(np.int32).max:  # sample and piece ids are int32
         raise DataFormatError(f"at most {np.iinfo(np.int32).max} samples per call, got {n}")
     is_overlong = lengths > seq_length
     is_empty = lengths == 0
     num_overlong, num_empty = int(is_overlong.sum()), int(is_empty.sum())
     overlong_tokens = _exact_sum(lengths[is_overlong])
 
-    # Narrow inputs (e.g. int32 lengths.npy or the .idx sequence lengths) take the int32 variant,
-    # which returns int32 arrays (half the memory); every array of the result gets that dtype
-    # (piece_start is below the sample's length, so it fits too).
-    narrow = lengths.dtype.itemsize < 4 or lengths.dtype == np.int32
-    index_dtype = np.int32 if narrow else np.int64
+    # Every dtype takes the one int32 packer: pieces are at most seq_length <= 2**31 - 1 long and
+    # ids are below 2**31, so once the pieces are cut the cast is exact; int64 arrays would only
+    # double the memory the C++ and every later pass touch (6x slower packing, issue 12). Only a
+    # split sample past int32 has piece starts that need int64, and then the whole result gets it.
+    int32_max = np.iinfo(np.int32).max
+    wide = overlong == "split" and num_overlong > 0 and int(lengths.max()) > int32_max
+    index_dtype = np.int64 if wide else np.int32
     every_sample_whole = num_overlong == 0 and num_empty == 0
     if every_sample_whole:
-        # One piece per sample, piece i = sample i: hand the input to C++ as it is.
-        piece_length = np.ascontiguousarray(lengths, dtype=index_dtype)
+        # One piece per sample, piece i = sample i: lengths <= seq_length, exact in int32.
+        piece_length = np.ascontiguousarray(lengths, dtype=np.int32)
     else:
         pieces_per_sample = np.ones(n, dtype=np.int64)
         if overlong == "split":
@@ -215,17 +217,18 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
             pieces_per_sample[is_overlong] = 0
         pieces_per_sample[is_empty] = 0
         _check_pieces_fit(int(pieces_per_sample.sum()), seq_length, np.dtype(index_dtype).itemsize)
-        piece_sample = np.repeat(np.arange(n, dtype=index_dtype), pieces_per_sample)
+        piece_sample = np.repeat(np.arange(n, dtype=np.int32), pieces_per_sample)
         first_piece = np.cumsum(pieces_per_sample) - pieces_per_sample
         piece_index = np.arange(len(piece_sample), dtype=np.int64) - first_piece[piece_sample]
         piece_start = piece_index * seq_length
         piece_length = np.minimum(lengths[piece_sample].astype(np.int64) - piece_start, seq_length)
-        piece_start, piece_length = piece_start.astype(index_dtype), piece_length.astype(index_dtype)
+        piece_start, piece_length = piece_start.astype(index_dtype), piece_length.astype(np.int32)
 
     from megatron_tokweight.data import _packing
 
-    place = getattr(_packing, f"{_CPP_STEMS[algorithm]}_{'int32' if narrow else 'int64'}")
-    packed = place(piece_length, seq_length)
+    packed = getattr(_packing, f"{_CPP_STEMS[algorithm]}_int32")(piece_length, seq_length)
+    if wide:
+        packed = {name: array.astype(np.int64) for name, array in packed.items()}
     row_fill, row_piece_offsets, row_order = packed["bin_fill"], packed["bin_start"], packed["row_order"]
     num_rows = len(row_fill)
 
@@ -238,7 +241,7 @@ def pack_lengths(lengths, seq_length: int, algorithm: str = "bfd", overlong: str
         placed = np.flatnonzero(pieces_per_sample > 0)
         row[placed] = packed["bin"][first_piece[placed]]
         offset[placed] = packed["offset"][first_piece[placed]]
-        piece_sample, piece_start = piece_sample[row_order], piece_start[row_order]
+        piece_sample, piece_start = piece_sample[row_order].astype(index_dtype, copy=False), piece_start[row_order]
 
     real_tokens = int(row_fill.sum(dtype=np.int64))
     return PackResult(

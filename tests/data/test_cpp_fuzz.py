@@ -53,9 +53,9 @@ MAX_CAPACITY = {"bfd": 2**24, "ffd": INT32_MAX, "next-fit": INT32_MAX}
 
 
 @FUZZ
-@given(lengths=st.lists(ints(), max_size=30), capacity=ints(), algorithm=st.sampled_from(sorted(CPP_NAMES)),
-       dtype=st.sampled_from([np.int32, np.int64]))
-def test_packers(lengths, capacity, algorithm, dtype):
+@given(lengths=st.lists(ints(), max_size=30), capacity=ints(), algorithm=st.sampled_from(sorted(CPP_NAMES)))
+def test_packers(lengths, capacity, algorithm):
+    dtype = np.int32  # the one packer: pack_lengths hands every dtype over as int32
     lengths = [v for v in lengths if fits(v, dtype)]
     if capacity > 2**24 and algorithm == "bfd":
         capacity = capacity % 2**25  # past 2**24 only the refusal is checked, and that once is enough
@@ -74,7 +74,7 @@ def test_packers(lengths, capacity, algorithm, dtype):
 @given(lengths=st.lists(st.one_of(st.integers(0, 60), st.sampled_from(EXTREMES)), max_size=12),
        seq_length=ints(), algorithm=st.sampled_from(sorted(CPP_NAMES)),
        overlong=st.sampled_from(["truncate", "split", "drop"]),
-       dtype=st.sampled_from([np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]))
+       dtype=st.sampled_from([np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]))
 def test_pack_lengths_front_end(lengths, seq_length, algorithm, overlong, dtype):
     lengths = [v for v in lengths if fits(v, dtype)]
     ok_config = 1 <= seq_length <= (2**24 if algorithm == "bfd" else INT32_MAX)

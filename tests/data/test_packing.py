@@ -59,6 +59,8 @@ def reference_next_fit(lengths, capacity):
     return placed, fill
 
 
+# every integer dtype numpy has: each takes the one int32 packer (issue 12: int64 was 6x slower)
+INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
 REFERENCES = {"bfd": reference_bfd, "ffd": reference_ffd, "next-fit": reference_next_fit}
 CPP = {"bfd": "best_fit_decreasing", "ffd": "first_fit_decreasing", "next-fit": "next_fit"}
 
@@ -145,7 +147,7 @@ lengths_arrays = st.integers(1, 40).flatmap(
             st.one_of(st.integers(0, 3 * seq_length), st.sampled_from([0, 1, seq_length, seq_length + 1])),
             max_size=60,
         ),
-        st.sampled_from([np.int32, np.int64]),
+        st.sampled_from(INT_DTYPES),
     )
 )
 
@@ -164,7 +166,7 @@ def test_pack_lengths_matches_reference(case, algorithm, overlong):
     n=st.integers(20, 120),
     algorithm=st.sampled_from(ALGORITHMS),
     overlong=st.sampled_from(OVERLONG_POLICIES),
-    dtype=st.sampled_from([np.int32, np.int64]),
+    dtype=st.sampled_from(INT_DTYPES[1:4] + INT_DTYPES[5:]),  # 3 x seq_length is past int8 / uint8
 )
 def test_pack_lengths_matches_reference_on_dense_rows(seed, seq_length, n, algorithm, overlong, dtype):
     # Many short samples per row: the regime where best fit and first fit choose different rows
@@ -185,14 +187,13 @@ def test_pack_lengths_matches_reference_on_dense_rows(seed, seq_length, n, algor
     capacity=st.integers(1, 40),
     n=st.integers(0, 100),
     algorithm=st.sampled_from(ALGORITHMS),
-    dtype=st.sampled_from(["int32", "int64"]),
 )
-def test_cpp_packers_match_reference_including_zero_lengths(seed, capacity, n, algorithm, dtype):
+def test_cpp_packers_match_reference_including_zero_lengths(seed, capacity, n, algorithm):
     # The raw C++ accepts zero lengths (pack_lengths never sends them): they fit any row.
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, capacity // 2 + 1, size=n)
     lengths[rng.random(n) < 0.1] = capacity
-    check_cpp_against_reference(lengths.tolist(), capacity, algorithm, dtype)
+    check_cpp_against_reference(lengths.tolist(), capacity, algorithm)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -208,14 +209,13 @@ def test_cpp_packers_match_reference_on_long_runs(algorithm, capacity):
     step = max(1, capacity // 40)
     lengths = np.maximum(lengths // step * step, 1)
     lengths[rng.random(n) < 0.02] = 0
-    check_cpp_against_reference(lengths.tolist(), capacity, algorithm, "int64")
+    check_cpp_against_reference(lengths.tolist(), capacity, algorithm)
 
 
-def check_cpp_against_reference(lengths, capacity, algorithm, dtype):
+def check_cpp_against_reference(lengths, capacity, algorithm):
     placed, fill = REFERENCES[algorithm](lengths, capacity)
-    fn = getattr(_packing, f"{CPP[algorithm]}_{dtype}")
-    out = fn(np.array(lengths, dtype=dtype), capacity)
-    assert all(a.dtype == np.dtype(dtype) for a in out.values())  # the lengths' dtype
+    out = getattr(_packing, f"{CPP[algorithm]}_int32")(np.array(lengths, dtype=np.int32), capacity)
+    assert all(a.dtype == np.int32 for a in out.values())
     assert list(zip(out["bin"].tolist(), out["offset"].tolist())) == placed
     assert out["bin_fill"].tolist() == fill
     by_row = sorted(range(len(lengths)), key=lambda i: placed[i])
@@ -231,15 +231,15 @@ def check_cpp_against_reference(lengths, capacity, algorithm, dtype):
 def test_cpp_packers_huge_capacity_and_many_rows(algorithm):
     # Capacity far above 4 N: the C++ sorts with std::stable_sort instead of a counting sort.
     rng = np.random.default_rng(3)
-    fn = getattr(_packing, f"{CPP[algorithm]}_int64")
-    lengths = rng.integers(0, 60_000, size=50)
+    fn = getattr(_packing, f"{CPP[algorithm]}_int32")
+    lengths = rng.integers(0, 60_000, size=50, dtype=np.int32)
     lengths[::7] = lengths[0]  # ties, to check stability
     out = fn(lengths, 100_000)
     placed, fill = REFERENCES[algorithm](lengths.tolist(), 100_000)
     assert list(zip(out["bin"].tolist(), out["offset"].tolist())) == placed
     assert out["bin_fill"].tolist() == fill
     # More than 1024 rows: FFD's segment tree over rows grows past its first size.
-    lengths = np.concatenate([rng.integers(6, 11, size=1500), rng.integers(1, 5, size=1500)])
+    lengths = np.concatenate([rng.integers(6, 11, size=1500), rng.integers(1, 5, size=1500)]).astype(np.int32)
     out = fn(lengths, 10)
     placed, fill = REFERENCES[algorithm](lengths.tolist(), 10)
     assert len(fill) > 1024
@@ -285,17 +285,38 @@ def test_split_truncate_drop_by_hand():
     assert (drop.dropped, drop.dropped_tokens, drop.row[0], drop.num_rows) == (1, 25, -1, 2)
 
 
-@pytest.mark.parametrize("dtype, expected", [(np.uint16, np.int32), (np.int32, np.int32),
-                                             (np.int64, np.int64), (np.uint32, np.int64)])
+@pytest.mark.parametrize("dtype", INT_DTYPES)
 @pytest.mark.parametrize("lengths, overlong", [([3, 1, 2], "truncate"), ([3, 0, 9, 2], "split"),
                                                ([3, 0, 9, 2], "drop")])
-def test_result_arrays_share_one_dtype(dtype, expected, lengths, overlong):
-    # int32 when the lengths' dtype fits in int32 (the C++ answers in the dtype it is given),
-    # whether every sample is one piece or some are split, dropped or empty.
+def test_every_dtype_gives_int32_arrays_and_the_same_packing(dtype, lengths, overlong):
+    # One packer for every integer dtype, whether every sample is one piece or some are split,
+    # dropped or empty: the same pieces as the int64 input, all in int32.
     result = pack_lengths(np.array(lengths, dtype=dtype), 4, overlong=overlong)
-    for name in ("row", "offset", "piece_sample", "piece_start", "piece_length", "piece_row",
-                 "piece_offset", "row_fill", "row_piece_offsets"):
-        assert getattr(result, name).dtype == expected, name
+    wide = pack_lengths(np.array(lengths, dtype=np.int64), 4, overlong=overlong)
+    for name in RESULT_ARRAYS:
+        assert getattr(result, name).dtype == np.int32, name
+        assert getattr(result, name).tolist() == getattr(wide, name).tolist(), name
+
+
+RESULT_ARRAYS = ("row", "offset", "piece_sample", "piece_start", "piece_length", "piece_row",
+                 "piece_offset", "row_fill", "row_piece_offsets")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32, np.uint64])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_samples_past_int32_are_cut_exactly(dtype, algorithm):
+    # Lengths past 2**31 - 1 (only the wide dtypes hold them) never reach the int32 packer
+    # uncut: truncated to seq_length, or split into pieces whose starts pass int32, which makes
+    # the whole result int64 (a silent wrap would give negative starts).
+    big, seq_length = 3 * 2**30 + 5, 2**24  # 193 pieces; 2**24: the most BFD takes
+    lengths = np.array([7, big, 2**30], dtype=dtype)
+    truncated = check_against_reference(lengths, seq_length, algorithm, "truncate")
+    assert truncated.truncated_tokens == big + 2**30 - 2 * seq_length and truncated.piece_start.dtype == np.int32
+    split = pack_lengths(lengths, seq_length, algorithm, "split")
+    assert all(getattr(split, name).dtype == np.int64 for name in RESULT_ARRAYS)
+    pieces, _ = reference_pieces([int(v) for v in lengths], seq_length, "split")
+    got = sorted(zip(split.piece_sample.tolist(), split.piece_start.tolist(), split.piece_length.tolist()))
+    assert got == sorted(pieces) and max(split.piece_start.tolist()) == 3 * 2**30
 
 
 def test_result_type_and_empty_input():
@@ -324,6 +345,14 @@ def test_bad_lengths_name_the_sample():
         pack_lengths(np.array([1, 2**63], dtype=np.uint64), 8)
 
 
+@pytest.mark.parametrize("dtype", [d for d in INT_DTYPES if np.issubdtype(d, np.signedinteger)])
+def test_negative_lengths_are_refused_in_every_signed_dtype(dtype):
+    # Before the cast to the int32 packer, whatever the width: -1 must never wrap into a length.
+    lengths = np.array([1, 2, 3, -1, 5], dtype=dtype)
+    with pytest.raises(DataFormatError, match="sample 3: length -1 is negative"):
+        pack_lengths(lengths, 8)
+
+
 @pytest.mark.parametrize("seq_length", [0, -3, 2.5, True, 2**31])
 def test_bad_seq_length(seq_length):
     with pytest.raises(ConfigError, match="seq_length"):
@@ -340,8 +369,8 @@ def test_bad_algorithm_and_policy():
 
 
 @pytest.mark.parametrize("stem", sorted(CPP.values()))
-@pytest.mark.parametrize("dtype", ["int32", "int64"])
-def test_cpp_bounds_checks(stem, dtype):
+def test_cpp_bounds_checks(stem):
+    dtype = "int32"
     fn = getattr(_packing, f"{stem}_{dtype}")
     with pytest.raises(ValueError, match="sample 1: length -2 is negative"):
         fn(np.array([1, -2], dtype=dtype), 8)
@@ -351,15 +380,15 @@ def test_cpp_bounds_checks(stem, dtype):
         fn(np.array([1], dtype=dtype), 0)
     with pytest.raises(ValueError, match="1-D"):
         fn(np.ones((2, 2), dtype=dtype), 8)
-    other = "int64" if dtype == "int32" else "int32"
     with pytest.raises(TypeError):  # never silently converted
-        fn(np.array([1, 2], dtype=other), 8)
+        fn(np.array([1, 2], dtype=np.int64), 8)
+    assert not hasattr(_packing, f"{stem}_int64")  # one packer: pack_lengths casts after its checks
 
 
 def test_split_refuses_more_pieces_than_memory_holds():
     """The audit's case: one sample of 2**31 - 1 tokens split into rows of 1 allocated until the
     kernel killed the process (23 GB). The pieces are predicted and refused, with the numbers."""
-    with pytest.raises(DataFormatError, match=r"2,147,483,647 pieces, about 288\.0 GiB .* GiB available"):
+    with pytest.raises(DataFormatError, match=r"2,147,483,647 pieces, about 192\.0 GiB .* GiB available"):
         pack_lengths(np.array([2**31 - 1], np.int64), 1, "ffd", "split")
     with pytest.raises(DataFormatError, match="pieces"):  # past the int32 piece ids, whatever the memory
         pack_lengths(np.array([2**40, 2**40], np.int64), 256, "next-fit", "split")
