@@ -13,7 +13,7 @@ from megatron_tokweight.data.pack_index import (
     build_pack_index,
     trained_targets,
 )
-from megatron_tokweight.data.sidecar import read_sidecar
+from megatron_tokweight.data.plain_prefix import sample_metadata
 from megatron_tokweight.errors import ConfigError, DataFormatError
 
 
@@ -60,7 +60,8 @@ class PackReport:
 
 def pack_prefix(prefix, seq_length: int, algorithm: str = "bfd", overlong: str = "truncate",
                 context_parallel_size: int = 1) -> PackReport:
-    """Pack PREFIX's samples (lengths from its sidecar, checked against its .idx) and count."""
+    """Pack PREFIX's samples (lengths from its sidecar, checked against its .idx; a plain
+    Megatron prefix's from its .idx documents, as text samples) and count."""
     prefix = os.fspath(prefix)
     if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)) or seq_length < 1:
         raise ConfigError(f"--seq-length must be a positive integer, got {seq_length!r}")
@@ -69,10 +70,12 @@ def pack_prefix(prefix, seq_length: int, algorithm: str = "bfd", overlong: str =
         raise ConfigError(f"--context-parallel-size must be an integer >= 1, got {context_parallel_size!r}")
     for suffix in (".idx", ".bin"):
         if not os.path.isfile(prefix + suffix):
-            raise DataFormatError(f"{prefix}{suffix} not found: is {prefix!r} a prefix written by `tokweight prepare`?")
-    side = read_sidecar(prefix)
+            raise DataFormatError(
+                f"{prefix}{suffix} not found: is {prefix!r} a prefix written by `tokweight prepare` or Megatron-LM?"
+            )
+    side = sample_metadata(prefix)
     count = read_idx_header(prefix + ".idx")["sequence_count"]
-    if count != side.num_samples:
+    if not side.plain and count != side.num_samples:
         raise DataFormatError(
             f"{prefix}.idx has {count} sequences but {side.where} describes {side.num_samples} samples"
         )

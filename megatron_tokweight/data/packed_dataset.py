@@ -3,7 +3,9 @@
 Built like `GPTDataset`, through
 `BlendedMegatronDatasetBuilder(PackedDataset, sizes, is_built_on_rank, config).build()`, so
 blends and train/valid/test splits work unchanged. The low-level dataset is the prefix's
-`IndexedDataset`; its sidecar (`PREFIX.tokweight/`) gives spans, tasks and the pad id.
+`IndexedDataset`; its sidecar (`PREFIX.tokweight/`) gives spans, tasks and the pad id. A plain
+Megatron prefix (no sidecar) is read as text samples, one per `.idx` document
+(`plain_prefix.sample_metadata`).
 
 Per split, the split's samples are shuffled with the seed and packed once (`rows.build_pack_index`);
 an epoch is every row once, in a seeded order; `num_samples` rows requested -> as many epochs as
@@ -20,7 +22,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -28,99 +29,32 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    BlendedMegatronDatasetConfig,
-)
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_tokweight.common.files import atomic_file
-from megatron_tokweight.data.indexed_validation import validate_against_indexed_dataset
+from megatron_tokweight.data.indexed_validation import (
+    read_index_arrays,
+    validate_against_indexed_dataset,
+)
 from megatron_tokweight.data.pack_index import (
     PackIndex,
     build_pack_index,
     trained_targets,
 )
-from megatron_tokweight.data.packing import check_pack_options
+from megatron_tokweight.data.packed_dataset_config import PackedDatasetConfig
+from megatron_tokweight.data.plain_prefix import (
+    document_table,
+    is_plain_prefix,
+    sample_metadata,
+)
 from megatron_tokweight.data.row_gather import INT_FIELDS, RowGather
-from megatron_tokweight.data.sidecar import lengths_fingerprint, read_sidecar
-from megatron_tokweight.data.tokenizer import tokenizer_differences
-from megatron_tokweight.errors import ConfigError, DataFormatError
-from megatron_tokweight.weighting.config import as_weighting_config
+from megatron_tokweight.data.sidecar import lengths_fingerprint
+from megatron_tokweight.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PackedDatasetConfig(BlendedMegatronDatasetConfig):
-    """Megatron's dataset config plus packing and weighting.
-
-    pack_algorithm: "bfd" | "ffd" | "next-fit"; overlong: "truncate" | "split" | "drop" (what
-    happens to a sample longer than sequence_length; always counted).
-    context_parallel_size: > 1 pads every piece to a multiple of 2 x CP (`cu_seqlens_padded`).
-    weighting: a `WeightingConfig`, a preset name or a dict; None gives weight 1.0 to every target.
-    pad_id: token id of padding; None takes the pad id of the prefixes' sidecars (which must agree).
-    """
-
-    pack_algorithm: str = "bfd"
-    overlong: str = "truncate"
-    context_parallel_size: int = 1
-    weighting: Optional[Any] = None
-    pad_id: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mock:
-            raise ConfigError(
-                "PackedDatasetConfig needs data: set blend (with split) or blend_per_split to prepared prefixes"
-            )
-        if self.fast_cache_load or self.defer_npy_index_mmap:
-            raise ConfigError(
-                "PackedDataset does not support fast_cache_load / defer_npy_index_mmap: it needs each split's "
-                "sample indices to pack (its cached indices are memory-mapped anyway)"
-            )
-        if isinstance(self.context_parallel_size, bool) or not isinstance(self.context_parallel_size, int) \
-                or self.context_parallel_size < 1:
-            raise ConfigError(f"context_parallel_size must be an integer >= 1, got {self.context_parallel_size!r}")
-        check_pack_options(self.sequence_length, self.pack_algorithm, self.overlong, self.cp_multiple)
-        self.weighting = as_weighting_config(self.weighting)
-        tokenizer = self._common_tokenizer()
-        if self.pad_id is None:
-            self.pad_id = tokenizer.get("pad_id")
-            if self.pad_id is None:
-                raise ConfigError("the sidecars' tokenizer has no pad id; set PackedDatasetConfig.pad_id")
-        vocab_size = tokenizer.get("vocab_size")
-        if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, (int, np.integer)) or self.pad_id < 0 \
-                or (vocab_size is not None and self.pad_id >= vocab_size):
-            raise ConfigError(f"pad_id must be a token id in [0, {vocab_size}), got {self.pad_id!r}")
-        self.pad_id = int(self.pad_id)
-
-    @property
-    def cp_multiple(self) -> int:
-        """Every piece is padded to a multiple of this (2 x CP; 1 without context parallelism)."""
-        return 2 * self.context_parallel_size if self.context_parallel_size > 1 else 1
-
-    def prefixes(self) -> List[str]:
-        blends = [self.blend] if self.blend is not None else list(self.blend_per_split or [])
-        return [prefix for blend in blends if blend is not None for prefix in blend[0]]
-
-    def _common_tokenizer(self) -> dict:
-        """The tokenizer every prefix's sidecar names; ConfigError when two disagree."""
-        first, first_prefix = None, None
-        for prefix in self.prefixes():
-            spec = read_sidecar(prefix).tokenizer
-            if first is None:
-                first, first_prefix = spec, prefix
-                continue
-            diffs = tokenizer_differences(first, spec, (first_prefix, prefix))
-            if diffs:
-                raise ConfigError(
-                    f"{prefix} was tokenized differently from {first_prefix} ({'; '.join(diffs)}); "
-                    "a blend needs one tokenizer"
-                )
-        return first or {}
 
 
 class PackedDataset(MegatronDataset):
@@ -154,7 +88,7 @@ class PackedDataset(MegatronDataset):
         self.pack_index, self.shuffle_index, stats = self._load_or_build_indices()
         # n as trained (after truncation / split), for every sample of the prefix (0 outside this split)
         self.n_trained = trained_targets(
-            self.pack_index.pieces, self.sidecar.span_offsets, self.sidecar.spans, len(self.dataset.sequence_lengths)
+            self.pack_index.pieces, self.sidecar.span_offsets, self.sidecar.spans, self.sidecar.num_samples
         )
         # samples kept (not dropped) that train no target: weight 0 (zero-length ones included)
         stats["empty"] = int(np.count_nonzero(self.n_trained[self.indices] == 0)) - stats["dropped"]
@@ -166,12 +100,16 @@ class PackedDataset(MegatronDataset):
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: IndexedDataset) -> int:
-        return low_level_dataset.sequence_lengths.shape[0]
+        return low_level_dataset.document_indices.shape[0] - 1  # a sample is a document
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: PackedDatasetConfig) -> IndexedDataset:
-        # once per prefix: the sidecar must describe exactly this .bin/.idx pair
-        validate_against_indexed_dataset(dataset_path)
+        # once per prefix: the sidecar must describe exactly this .bin/.idx pair; a plain prefix's
+        # .idx must describe its .bin
+        if is_plain_prefix(dataset_path):
+            read_index_arrays(dataset_path)
+        else:
+            validate_against_indexed_dataset(dataset_path)
         return IndexedDataset(dataset_path, multimodal=False, mmap=config.mmap_bin_files)
 
     @staticmethod
@@ -205,7 +143,7 @@ class PackedDataset(MegatronDataset):
     @property
     def sidecar(self):
         if self._sidecar is None:
-            self._sidecar = read_sidecar(self.dataset.path_prefix, mmap=True)
+            self._sidecar = sample_metadata(self.dataset.path_prefix, self.config.tokenizer_spec)
         return self._sidecar
 
     @property
@@ -217,8 +155,9 @@ class PackedDataset(MegatronDataset):
             # our own map of the whole .bin: the C++ gather indexes it by element offset
             tokens = np.memmap(bin_path, dtype=dtype, mode="r") if os.path.getsize(bin_path) else np.empty(0, dtype)
             side, config = self.sidecar, self.config
+            pointers, lengths = document_table(index.sequence_lengths, index.document_indices)
             self._gather = RowGather(
-                tokens, index.sequence_pointers // dtype.itemsize, index.sequence_lengths,
+                tokens, pointers, lengths,
                 side.task_id, side.span_offsets, side.spans, side.span_kind, self.pack_index,
                 config.sequence_length, config.pad_id, config.cp_multiple, sample_weights=self.sample_weights,
             )
@@ -236,7 +175,7 @@ class PackedDataset(MegatronDataset):
             side = self.sidecar
             self._weighter = Weighter.from_config(
                 self.config.weighting, task_names=side.task_names, span_kinds=side.span_kinds,
-                vocab_size=side.tokenizer["vocab_size"], prefix=self.dataset.path_prefix,
+                vocab_size=side.tokenizer.get("vocab_size"), prefix=self.dataset.path_prefix,
             )
         return self._weighter
 
@@ -320,7 +259,7 @@ class PackedDataset(MegatronDataset):
         random_state = np.random.RandomState(config.random_seed)
         # the packing order: next-fit keeps it; bfd/ffd break length ties by it
         order = random_state.permutation(np.asarray(self.indices, dtype=np.int64))
-        lengths = self.dataset.sequence_lengths[order]
+        lengths = self.sidecar.lengths[order]
         index, stats = build_pack_index(
             lengths, order, config.sequence_length, config.pack_algorithm, config.overlong, config.cp_multiple
         )

@@ -76,6 +76,8 @@ class SampleMetadata:
     content: Dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     where: str = "sidecar"  # names the files in error messages
+    # True: no sidecar on disk, synthesised from a plain Megatron prefix (`data.plain_prefix`)
+    plain: bool = False
 
     def __post_init__(self):
         # Shapes and dtypes only (cheap even when memory-mapped); `check` validates the values.

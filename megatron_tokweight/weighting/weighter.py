@@ -39,14 +39,14 @@ class Weighter:
         config: WeightingConfig,
         task_names: Sequence[str],
         span_kinds: Sequence[str],
-        vocab_size: int,
+        vocab_size: Optional[int],
         vocab_table: Optional[np.ndarray] = None,
         span_table: Optional[np.ndarray] = None,
     ):
         self.config = config
         self.task_names = tuple(task_names)
         self.span_kinds = tuple(span_kinds)
-        self.vocab_size = int(vocab_size)
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
         self.task_rules: Tuple[ResolvedTaskRule, ...] = resolve_task_rules(
             self.task_names, config.task_rules, config.default_rule
         )
@@ -67,16 +67,24 @@ class Weighter:
         config: WeightingConfig,
         task_names: Sequence[str],
         span_kinds: Sequence[str],
-        vocab_size: int,
+        vocab_size: Optional[int],
         prefix: Optional[str] = None,
         token_counts=None,
     ) -> "Weighter":
         """Resolves rules for these tasks; a frequency rule counts tokens of `prefix`.bin unless
-        `token_counts` (int [vocab_size]) is given."""
+        `token_counts` (int [vocab_size]) is given. vocab_size None (a dataset whose tokenizer is
+        unknown) serves every rule but the token-id ones."""
         if isinstance(config, str):
             config = WeightingConfig(preset=config)
         if not isinstance(config, WeightingConfig):
             raise TypeError(f"config must be a WeightingConfig or a preset name, got {type(config).__name__}")
+        if vocab_size is None:
+            if config.frequency is not None or config.stop_token_ids:
+                raise ConfigError(
+                    f"{prefix or 'the dataset'}: stop-token and frequency rules need the vocabulary size, and no "
+                    "tokenizer is known for it (a Megatron prefix without a sidecar): name its tokenizer"
+                )
+            return cls(config, task_names, span_kinds, None, None, span_factor_table(span_kinds, config.span_weights))
         if int(vocab_size) < 1:
             raise ConfigError(f"vocab_size must be >= 1, got {vocab_size}")
         if config.frequency is not None and token_counts is None:

@@ -97,11 +97,35 @@ def test_errors(capsys, prefix, tmp_path):
         pack_prefix(prefix, 6, context_parallel_size=2)
     with pytest.raises(DataFormatError, match="not found"):
         pack_prefix(tmp_path / "missing", 8)
-    # a .bin/.idx pair without a sidecar
+    # a plain Megatron prefix whose .idx does not describe its .bin
     for suffix in (".bin", ".idx"):
-        (tmp_path / f"bare{suffix}").write_bytes(open(prefix + suffix, "rb").read())
-    with pytest.raises(DataFormatError, match="no sidecar"):
-        pack_prefix(tmp_path / "bare", 8)
+        (tmp_path / f"bare{suffix}").write_bytes(open(prefix + suffix, "rb").read()[:-2 if suffix == ".bin" else None])
+    code, out, err = run_cli(capsys, str(tmp_path / "bare"), "--seq-length", "8")
+    assert code == 2 and out == "" and "bare.bin: truncated" in err
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "split"])
+def test_plain_megatron_prefix_needs_nothing_but_the_prefix(capsys, tmp_path, overlong):
+    # Written by Megatron-Core's builder, no sidecar: one text sample per document (its
+    # sequences together), every token but the first a target.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(5)
+    builder = IndexedDatasetBuilder(str(tmp_path / "web.bin"), dtype=np.uint16)
+    lengths = []
+    for _ in range(70):
+        sequences = [int(n) for n in rng.integers(1, 40, size=int(rng.integers(1, 4)))]
+        builder.add_document(rng.integers(0, 1000, size=sum(sequences)).astype(np.uint16), sequences)
+        lengths.append(sum(sequences))
+    builder.finalize(str(tmp_path / "web.idx"))
+    code, out, _ = run_cli(capsys, str(tmp_path / "web"), "--seq-length", str(L), "--overlong", overlong, "--json")
+    assert code == 0
+    report = json.loads(out)
+    kept, trained = targets_by_hand(lengths, lambda i: [(0, lengths[i])], L, overlong)
+    assert report["samples"] == len(lengths) and report["real_tokens"] == int(kept.sum())
+    assert report["answer_targets"] == sum(n - 1 for n in lengths)
+    assert report["trained_targets"] == int(trained.sum())
+    assert not (tmp_path / "web.tokweight").exists()
 
 
 def test_cli_entry_stays_light(prefix):
