@@ -33,11 +33,20 @@ def scoring_mode(model):
 def stream_logprobs(model, batch: dict, tp_group=None) -> torch.Tensor:
     """log p(labels) [T] (fp32, full context) of a flattened THD micro-batch
     (`data.thd_batch.flatten_rows` format: per-token keys [1, T])."""
+    with scoring_mode(model):
+        return _logprobs(model, batch, batch["labels"].reshape(-1), tp_group)
+
+
+def _logprobs(model, batch: dict, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """log p(labels) [T] of one packed forward: through the fused output layer when the model has
+    it (no logits), else from the vocab-parallel logits."""
+    from megatron_tokweight.model.fused_output import fused_enabled, fused_logprobs
     from megatron_tokweight.model.gpt import packed_logits
 
-    with scoring_mode(model):
-        logits = packed_logits(model, batch)[:, 0]  # [T, v/tp]
-        return target_logprobs(logits, batch["labels"].reshape(-1), tp_group)
+    if fused_enabled(model):
+        return fused_logprobs(model, batch, labels)
+    logits = packed_logits(model, batch)[:, 0]  # [T, v/tp]
+    return target_logprobs(logits, labels, tp_group)
 
 
 def window_logprobs(
@@ -55,14 +64,14 @@ def window_logprobs(
     position predicts). Windows run in packed batches of at most `max_tokens` tokens (a single
     longer window runs alone).
     """
-    from megatron_tokweight.model.gpt import packed_logits
-
     flat_tokens = flat_tokens.reshape(-1)
     flat_labels = flat_labels.reshape(-1)
     with scoring_mode(model):
         for part in split_plan(plan, max_tokens):
-            logits = packed_logits(model, part.batch(flat_tokens))[:, 0]  # [T, v/tp]
-            score_from, score_to = part.score_from.to(logits.device), part.score_to.to(out.device)
-            kept = logits[score_from]
-            out[score_to] = target_logprobs(kept, flat_labels[score_to.to(flat_labels.device)], tp_group).to(out.device)
+            batch = part.batch(flat_tokens)
+            # the windowed stream's labels: each scored position's, 0 (a valid id) elsewhere
+            labels = torch.zeros(batch["tokens"].numel(), dtype=flat_labels.dtype, device=batch["tokens"].device)
+            score_from, score_to = part.score_from.to(labels.device), part.score_to.to(out.device)
+            labels[score_from] = flat_labels[score_to.to(flat_labels.device)].to(labels.device)
+            out[score_to] = _logprobs(model, batch, labels, tp_group)[score_from].to(out.device)
     return out

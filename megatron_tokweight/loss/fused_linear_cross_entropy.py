@@ -37,6 +37,8 @@ from megatron_tokweight.errors import ConfigError, DataFormatError
 from megatron_tokweight.loss import checks
 
 IMPLEMENTATIONS = ("torch", "triton")
+# the one setting users choose (TrainConfig.fused_cross_entropy, --tokweight-fused-ce): off = Megatron's path
+FUSED_CROSS_ENTROPY = ("off",) + IMPLEMENTATIONS
 # default chunk: about this many bytes of fp32 logits per chunk (the loss scope's working set)
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 

@@ -21,6 +21,7 @@ from megatron_tokweight.longcontext.config import (
     SCORERS,
     LongContextConfig,
 )
+from megatron_tokweight.loss.fused_linear_cross_entropy import FUSED_CROSS_ENTROPY
 from megatron_tokweight.loss.reporting import REPORT_LEVELS
 from megatron_tokweight.weighting.config import NORMALIZATIONS, WeightingConfig
 from megatron_tokweight.weighting.presets import PRESET_NAMES
@@ -178,12 +179,16 @@ def add_packing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def add_report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds --loss-report; returns the parser."""
+    """Adds --loss-report and --tokweight-fused-ce; returns the parser."""
     group = parser.add_argument_group("loss reports", "what the loss function reports (megatron-tokweight)")
     group.add_argument("--loss-report", choices=REPORT_LEVELS, default="full",
                        help="full: unweighted and weighted loss, per task and per blended dataset (the default); "
                             "objective: only the weighted loss L as one fp32 [sum, count] pair, as cheap as "
                             "Megatron's stock 'lm loss' report")
+    group.add_argument("--tokweight-fused-ce", choices=FUSED_CROSS_ENTROPY, default="off",
+                       help="off: Megatron's output layer and vocab-parallel cross-entropy (the default); torch or "
+                            "triton: the fused linear cross-entropy, same loss and gradients without holding the "
+                            "[s, b, vocab / TP] logits (no Multi-Token Prediction)")
     return parser
 
 
@@ -198,6 +203,9 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
             f"stream of micro_batch_size x seq_length tokens, and the pipeline's send/recv shapes assume "
             f"[seq_length, micro_batch_size] (got micro batch size {args.micro_batch_size})"
         )
+    if getattr(args, "tokweight_fused_ce", "off") != "off" and getattr(args, "mtp_num_layers", None):
+        raise ConfigError("--tokweight-fused-ce does not support Multi-Token Prediction: drop --mtp-num-layers "
+                          "or use --tokweight-fused-ce off")
     long_context = long_context_config_from_args(args)
     if long_context is not None and long_context.scores_each_step and pipeline > 1:
         raise ConfigError(

@@ -38,6 +38,7 @@ from megatron_tokweight.loss import (
     per_token_cross_entropy,
     weighted_loss_func,
 )
+from megatron_tokweight.loss.fused_linear_cross_entropy import FUSED_CROSS_ENTROPY
 from megatron_tokweight.megatron.batch import (
     TensorParallelRows,
     default_device,
@@ -71,6 +72,9 @@ class TokweightSteps:
             (no global parallel state needed).
         report: `LossSettings.report`: "full" (per-task / per-dataset keys) or "objective" (only
             `weighted loss`, one fp32 pair, the cost of Megatron's stock report).
+        fused_cross_entropy: "off" (Megatron's output layer and cross-entropy), or "torch" /
+            "triton": the model's output layer is fused (`model.fused_output`) and returns
+            w_t * l_t from the hidden states, no logits held (with either `loss_in_model`).
         long_context_scorer: a `longcontext.OnlineScorer` (e.g. `scorer_online.step_scorer`) run
             on each step's micro-batches before Z; needs pipeline and context parallel size 1
             (it scores whole pieces with the whole model). None: weights come with the data.
@@ -91,6 +95,7 @@ class TokweightSteps:
         use_te: Optional[bool] = None,
         loss_in_model: bool = True,
         report: str = "full",
+        fused_cross_entropy: str = "off",
         long_context_scorer=None,
     ):
         self.normalization = Normalization.parse(normalization)
@@ -104,6 +109,9 @@ class TokweightSteps:
         self.use_te = use_te
         self.loss_in_model = loss_in_model
         self.report = report
+        if fused_cross_entropy not in FUSED_CROSS_ENTROPY:
+            raise ConfigError(f"fused_cross_entropy must be one of {FUSED_CROSS_ENTROPY}, got {fused_cross_entropy!r}")
+        self.fused_cross_entropy = fused_cross_entropy
         self.scorer = long_context_scorer
         if self.scorer is not None and group_size(cp_group) > 1:
             raise ConfigError(
@@ -179,8 +187,14 @@ class TokweightSteps:
         """Megatron's `forward_step_func`: (per-token loss [1, T/cp], loss_func)."""
         if return_schedule_plan:
             raise ConfigError("megatron-tokweight does not build MoE schedule plans; unset --overlap-moe-expert-parallel-comm")
+        if self.fused_cross_entropy != "off":  # before get_batch: the unfrozen scorer's forward is fused too
+            from megatron_tokweight.model.fused_output import enable_fused_output
+
+            enable_fused_output(model, self.fused_cross_entropy)
         batch, params, stats, settings = self.get_batch(data_iterator, model)
         # attention_mask None: the THD PackedSeqParams carry the per-sample causal masks
+        if self.fused_cross_entropy != "off":
+            return self._fused_forward(model, batch, params, stats, settings)
         if self.loss_in_model:
             output_tensor = model(
                 batch["tokens"], batch["position_ids"], None,
@@ -195,20 +209,39 @@ class TokweightSteps:
         return output_tensor, partial(loss_func, batch, stats, settings, model=model)
 
 
+    def _fused_forward(self, model, batch, params, stats, settings):
+        """The model with its fused output layer: w_t * l_t [1, T/cp] on the last pipeline stage,
+        the hidden states on the others."""
+        from megatron_tokweight.model.fused_output import (
+            fused_model_loss,
+            fused_targets,
+        )
+
+        with fused_targets(model, batch["labels"], batch["loss_weights"]) as targets:
+            output_tensor = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
+        per_token = None
+        if targets.logprobs is not None:  # this stage has the output layer
+            output_tensor, per_token = fused_model_loss(targets, output_tensor)
+        return output_tensor, partial(loss_func, batch, stats, settings, model=model, per_token_loss=per_token)
+
+
 def _is_logits(output_tensor, labels) -> bool:
     """GPTModel's last stage returns [1, T, vocab / TP]; earlier pipeline stages hidden states."""
     return output_tensor.dim() == 3 and tuple(output_tensor.shape[:2]) == tuple(labels.shape)
 
 
-def loss_func(micro_batch, stats, settings, output_tensor: torch.Tensor, model=None, *, checks=None):
+def loss_func(micro_batch, stats, settings, output_tensor: torch.Tensor, model=None, *, checks=None,
+              per_token_loss=None):
     """Megatron's loss-function protocol for one micro-batch: (loss, num_tokens int32, report).
 
     The model-output argument comes where Megatron-LM's stock `loss_func(loss_mask,
     output_tensor, model=None)` has it, after the micro-batch's data (here: the whole batch, the
     step's `GlobalBatchStats` and `LossSettings`). `checks`, a callable taking the loss, runs
-    Megatron-LM's NaN / spike validation when the hooks enable it.
+    Megatron-LM's NaN / spike validation when the hooks enable it. `per_token_loss`: set by the
+    fused path, whose output tensor is already w * l (`loss.weighted_loss_func`).
     """
-    loss, num_tokens, report = weighted_loss_func(micro_batch, stats, settings, output_tensor)
+    loss, num_tokens, report = weighted_loss_func(micro_batch, stats, settings, output_tensor,
+                                                  per_token_loss=per_token_loss)
     if checks is not None:
         checks(loss)
     return loss, num_tokens, report
@@ -247,6 +280,7 @@ def steps_from_megatron_args(args) -> TokweightSteps:
         task_names=task_names,
         dataset_names=dataset_names,
         report=args.loss_report,
+        fused_cross_entropy=getattr(args, "tokweight_fused_ce", "off"),
         long_context_scorer=step_scorer(long_context, tp_group, args.seq_length),
     )
 

@@ -12,11 +12,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from megatron_tokweight.common.files import load_yaml, read_config_file
 from megatron_tokweight.errors import ConfigError, reject_unknown_keys
+from megatron_tokweight.loss.fused_linear_cross_entropy import FUSED_CROSS_ENTROPY
 from megatron_tokweight.weighting.config import as_weighting_config
 
 # training-loop fields that may change between a run and its resumption
 NON_IDENTITY_FIELDS = ("log_interval", "eval_interval", "save_dir", "save_interval", "resume",
-                       "exit_interval", "eval_max_rows")
+                       "exit_interval", "eval_max_rows", "fused_cross_entropy")
 EXCLUDED_MODEL_FIELDS = ("vocab_size", "seq_length", "tensor_model_parallel_size")
 
 
@@ -35,7 +36,8 @@ def _float(value, where: str, minimum: float = 0.0) -> float:
 
 @dataclass
 class DataConfig:
-    """Prepared prefixes (`tokweight prepare` output) and how their samples are packed."""
+    """Prepared prefixes (`tokweight prepare` output) or plain Megatron prefixes (`.bin`/`.idx`
+    without a sidecar, read as text samples) and how their samples are packed."""
 
     prefixes: List[str] = field(default_factory=list)
     weights: Optional[List[float]] = None  # blend weights, required with several prefixes
@@ -44,6 +46,9 @@ class DataConfig:
     pack_algorithm: str = "bfd"
     overlong: str = "truncate"
     cache_dir: Optional[str] = None  # packing index cache (default: next to each prefix)
+    # the tokenizer of plain Megatron prefixes: "byte" or a tokenizer.json path (prepared
+    # prefixes record theirs; needed when no prepared prefix names one)
+    tokenizer: Optional[str] = None
 
     def __post_init__(self):
         for name in ("prefixes", "eval_prefixes"):
@@ -68,6 +73,8 @@ class DataConfig:
                 f"data.weights is required with {len(self.prefixes)} prefixes (the blend's sampling weights)"
             )
         _positive_int(self.seq_length, "data.seq_length", 2)
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
+            raise ConfigError(f"data.tokenizer must be 'byte' or a tokenizer.json path, got {self.tokenizer!r}")
         from megatron_tokweight.data.packing import check_pack_options
 
         check_pack_options(self.seq_length, self.pack_algorithm, self.overlong)
@@ -127,6 +134,9 @@ class TrainConfig:
     data_parallel_size: int = 1
     seed: int = 1234
     calculate_per_token_loss: bool = False  # the Megatron setting the loss is scaled for
+    # "off": Megatron's output layer + vocab-parallel cross-entropy (logits held); "torch" or
+    # "triton": loss.fused_linear_cross_entropy (same loss and gradients, no logits held)
+    fused_cross_entropy: str = "off"
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate at the end only (when eval_prefixes are given)
     eval_max_rows: Optional[int] = None  # evaluate at most this many rows per eval prefix
@@ -166,6 +176,10 @@ class TrainConfig:
         for name in ("calculate_per_token_loss", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.fused_cross_entropy not in FUSED_CROSS_ENTROPY:
+            raise ConfigError(
+                f"fused_cross_entropy must be one of {FUSED_CROSS_ENTROPY}, got {self.fused_cross_entropy!r}"
+            )
         if (self.save_interval or self.resume or self.exit_interval) and not self.save_dir:
             raise ConfigError("save_interval, resume and exit_interval need save_dir")
 
@@ -228,6 +242,9 @@ class TrainConfig:
                 if isinstance(value, list):
                     data_section[key] = [os.path.normpath(os.path.join(base, p)) if isinstance(p, str) else p
                                          for p in value]
+            tokenizer = data_section.get("tokenizer")
+            if isinstance(tokenizer, str) and tokenizer != "byte":
+                data_section["tokenizer"] = os.path.normpath(os.path.join(base, tokenizer))
         apply_overrides(data, overrides)
         return cls.from_dict(data, where=str(path))
 

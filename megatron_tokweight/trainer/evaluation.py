@@ -28,7 +28,7 @@ def evaluate(model, dataset, task_names, groups: Groups, config: TrainConfig, ma
                                 task_names=tuple(task_names))
         stats = settings.global_batch_stats([b for b, _ in micro_batches], groups.dp)
         reports, _ = forward_backward(
-            make_forward_step(stats, settings), iter(micro_batches), model, len(micro_batches),
+            make_forward_step(stats, settings, config.fused_cross_entropy != "off"), iter(micro_batches), model, len(micro_batches),
             settings_schedule(config), groups.dp, forward_only=True,
         )
     model.train(was_training)

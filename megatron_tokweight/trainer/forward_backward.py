@@ -163,13 +163,18 @@ def forward_backward(
     return reports, total_num_tokens
 
 
-def make_forward_step(stats, settings):
-    """The forward_step_func of Megatron's schedule protocol for packed THD micro-batches."""
+def make_forward_step(stats, settings, fused: bool = False):
+    """The forward_step_func of Megatron's schedule protocol for packed THD micro-batches; `fused`:
+    the model's output layer is fused (`model.fused_output`) and returns w_t * l_t directly."""
     from megatron_tokweight.loss import make_loss_func
+    from megatron_tokweight.model.fused_output import packed_fused_loss
     from megatron_tokweight.model.gpt import packed_token_loss
 
     def forward_step(data_iterator, model):
         batch, _ = next(data_iterator)
+        if fused:
+            weighted, per_token = packed_fused_loss(model, batch)
+            return weighted, make_loss_func(batch, stats, settings, per_token_loss=per_token)
         # per-token cross-entropy [1, T] over the model's TP group (model.TokweightGPTModel)
         return packed_token_loss(model, batch), make_loss_func(batch, stats, settings)
 

@@ -114,6 +114,11 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
     torch.manual_seed(config.seed)  # the same full weights on every rank; each TP rank keeps its shard
     model_config = config.model_config(plan.vocab_size)
     model = build_gpt_model(model_config, tp_group=groups.tp)
+    fused = config.fused_cross_entropy != "off"
+    if fused:  # the output layer returns w_t * l_t: no logits in training, evaluation or scoring
+        from megatron_tokweight.model.fused_output import enable_fused_output
+
+        enable_fused_output(model, config.fused_cross_entropy)
     model_info = checkpoint.model_info(plan.vocab_size, plan.tokenizer, model_config)
     # unfrozen / rho1: the model scores each step's micro-batches (every TP rank: collective)
     scorer = step_scorer(config.long_context, groups.tp, config.data.seq_length)
@@ -173,7 +178,7 @@ def train_on_rank(plan: RunPlan, rank: int, groups: Groups,
         stats = settings.global_batch_stats([b for b, _ in micro_batches], groups.dp)
         optimizer.zero_grad(set_to_none=True)
         reports, _ = forward_backward(
-            make_forward_step(stats, settings), iter(micro_batches), model,
+            make_forward_step(stats, settings, fused), iter(micro_batches), model,
             config.num_micro_batches, schedule_config, groups.dp,
         )
         # real tokens ride along the report reduction: [tokens, 1/(M*D)] sums to [total, 1]

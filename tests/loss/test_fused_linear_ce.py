@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron_tokweight.errors import DataFormatError
-from megatron_tokweight.loss import fused_linear_weighted_cross_entropy, fused_target_logprobs
+from megatron_tokweight.loss import (
+    fused_linear_weighted_cross_entropy,
+    fused_target_logprobs,
+)
 from megatron_tokweight.loss.fused_linear_cross_entropy import STATS
 
 S, B, H, V = 23, 2, 16, 40

@@ -447,6 +447,9 @@ COMBOS = (  # (calculate_per_token_loss, normalization, path)
 TRACKED = ("embedding.position_embeddings.weight", "decoder.final_layernorm.weight", "embedding.word_embeddings.weight")
 # the unfrozen long-context scorer in the prefetcher (TP = 2: every TP rank reads the step)
 ONLINE_COMBOS = ((False, "weight_sum"), (True, "token_count"))
+# then the fused linear cross-entropy (--tokweight-fused-ce torch), last: it stays enabled on the model
+FUSED_COMBOS = ((False, "sample_count", "fused"), (True, "weight_sum", "fused"), (False, "weight_sum", "fused-online"))
+ALL_COMBOS = COMBOS + tuple((per_token, mode, "online") for per_token, mode in ONLINE_COMBOS) + FUSED_COMBOS
 LONG_CONTEXT = {"method": "dense", "scorer": "unfrozen", "lambda": 0.5, "n": 8, "stride": 4}
 
 
@@ -603,20 +606,21 @@ def _case_forward_step(rank, prefix, cache):
         named = dict(model.named_parameters())
         m = GLOBAL_ROWS // (MBS * dp_size)
         results = []
-        combos = COMBOS + tuple((per_token, mode, "online") for per_token, mode in ONLINE_COMBOS)
-        for per_token_loss, normalization, path in combos:
+        for per_token_loss, normalization, path in ALL_COMBOS:
             args = megatron_args(argv + ["--loss-normalization", normalization, "--check-for-nan-in-loss-and-grad"]
                                  + (["--calculate-per-token-loss"] if per_token_loss else [])
-                                 + (["--loss-report", "objective"] if path == "objective" else []))
-            if path in ("args", "objective"):
+                                 + (["--loss-report", "objective"] if path == "objective" else [])
+                                 + (["--tokweight-fused-ce", "torch"] if path == "fused" else []))
+            if path in ("args", "objective", "fused"):
                 forward_step = steps_from_megatron_args(args).forward_step
             elif path == "explicit":
                 forward_step = TokweightSteps(normalization, per_token_loss, m, tp_group, None, dp_group, device="cpu",
                                               loss_in_model=False).forward_step
-            elif path == "online":
+            elif path in ("online", "fused-online"):
                 scorer = step_scorer(LongContextConfig.from_dict(LONG_CONTEXT), tp_group, 32)
+                fused = "torch" if path == "fused-online" else "off"
                 forward_step = TokweightSteps(normalization, per_token_loss, m, tp_group, None, dp_group, device="cpu",
-                                              long_context_scorer=scorer).forward_step
+                                              long_context_scorer=scorer, fused_cross_entropy=fused).forward_step
             else:
                 forward_step = _hook_with_args(args)
             data = iter(_megatron_batches(train, dp_rank, dp_size)) if tp_rank == 0 else None
@@ -747,12 +751,11 @@ def test_forward_step_equals_the_one_process_reference(two_ranks):
             assert abs(reference["online"][mode]["loss"] - reference[mode]["loss"]) > 1e-4 * reference[mode]["loss"]
         for layout in results[rank]["forward"]["layouts"]:
             tp_size, tp_rank = layout["tp_size"], layout["tp_rank"]
-            combos = COMBOS + tuple((per_token, mode, "online") for per_token, mode in ONLINE_COMBOS)
-            assert len(layout["results"]) == len(combos)
-            for (per_token_loss, mode, path), got in zip(combos, layout["results"]):
+            assert len(layout["results"]) == len(ALL_COMBOS)
+            for (per_token_loss, mode, path), got in zip(ALL_COMBOS, layout["results"]):
                 where = (tp_size, per_token_loss, mode, path)
-                ref = reference["online" if path == "online" else mode]
-                ref = ref[mode] if path == "online" else ref
+                online = path in ("online", "fused-online")
+                ref = reference["online"][mode] if online else reference[mode]
                 assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), where
                 if path == "objective":
                     assert got["keys"] == ["weighted loss"], where

@@ -4,7 +4,7 @@ packed rows of a prepared prefix), on CPU over gloo with the stand-ins of `pretr
 
 One spawn of 4 ranks per layout (TP, PP, DP) = (2, 1, 2), (1, 2, 2), (2, 2, 1) runs one iteration
 (SGD, 4 packed rows per step: 1 or 2 micro-batches of one row per DP rank, the same full weights
-whatever the layout) in each normalization mode, the `--calculate-per-token-loss` setting
+whatever the layout) in each normalization mode, and one with `--tokweight-fused-ce torch`, the `--calculate-per-token-loss` setting
 alternating so that every mode meets both; then, on TP 2 x DP 2, four iterations straight, and two
 iterations, a checkpoint, and a resumption to four. The reference is computed in the same ranks afterwards,
 with TP = PP = 1: the same model on the step's four rows, `F.cross_entropy(reduction="none")` in
@@ -115,6 +115,7 @@ CASES = {(2, 1, 2): [("weight_sum", False), ("sample_count", True), ("token_coun
          (1, 2, 2): [("weight_sum", True), ("sample_count", False), ("token_count", True)],
          (2, 2, 1): [("weight_sum", False), ("sample_count", True), ("token_count", False)]}
 RESUME_LAYOUT = (2, 1, 2)
+FUSED_CASES = {(2, 1, 2): ("sample_count", False), (1, 2, 2): ("weight_sum", True), (2, 2, 1): ("token_count", True)}
 
 
 def _pretrain_rank(rank, world_size, layout, prefix, cache, save_root):
@@ -138,6 +139,10 @@ def _pretrain_rank(rank, world_size, layout, prefix, cache, save_root):
     for mode, per_token in CASES[layout]:
         run(("step", tp, pp, dp, mode, per_token),
             base + ["--train-iters", "1", "--loss-normalization", mode] + ["--calculate-per-token-loss"] * per_token)
+    mode, per_token = FUSED_CASES[layout]  # the fused linear cross-entropy in Megatron-LM's own loop
+    run(("step", tp, pp, dp, mode, per_token, "fused"),
+        base + ["--train-iters", "1", "--loss-normalization", mode, "--tokweight-fused-ce", "torch"]
+        + ["--calculate-per-token-loss"] * per_token)
     if layout == RESUME_LAYOUT:
         resume = base + ["--train-iters", "4"]
         run("straight", resume)
@@ -204,7 +209,10 @@ def test_pretrain_gradients_equal_the_single_process_objective(pretrain_runs):
             continue
         reference = pretrain_runs[0]["references"][key[4]][1]
         errors[key] = _worst_gradient_error([r["runs"][key]["grads"] for r in pretrain_runs], reference)
-    print(f"\npretrain(): worst relative gradient error {max(errors.values()):.2e} over {len(errors)} runs")
+    fused = [error for key, error in errors.items() if key[-1] == "fused"]
+    assert len(fused) == len(FUSED_CASES)
+    print(f"\npretrain(): worst relative gradient error {max(errors.values()):.2e} over {len(errors)} runs "
+          f"({max(fused):.2e} over the {len(fused)} fused ones)")
     assert {(k[4], k[5]) for k in errors} == {(m, t) for m in MODES for t in (False, True)}
     assert {(k[1:4], k[4]) for k in errors} == {(layout, m) for layout in CASES for m in MODES}
     assert max(errors.values()) <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:4]

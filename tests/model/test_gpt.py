@@ -108,7 +108,48 @@ def _model_case(rank, world_size):
             result[name]["loss_shape"] = tuple(loss.shape)
             result[name]["loss_vs_reference"] = float((loss - reference).abs().max())
     del result["tp1"]["logits"], result["tp2"]["logits"]
+    result["fused"] = _fused_case(model1, model2, flat)
     return result
+
+
+def _fused_case(model1, model2, flat):
+    """The fused output layer against the model's own loss: w * l and every parameter gradient
+    (tied embeddings), and the scorer's log-probs, at TP = 1 and 2."""
+    from megatron_tokweight.longcontext.forward import stream_logprobs
+    from megatron_tokweight.model.fused_output import (
+        enable_fused_output,
+        fused_enabled,
+        packed_fused_loss,
+    )
+    from megatron_tokweight.model.gpt import packed_token_loss
+    from megatron_tokweight.model.gpt import row_logits as packed_logits
+
+    weights = torch.rand(flat["labels"].shape, generator=torch.Generator().manual_seed(3))
+    flat = {**flat, "loss_weights": weights}
+    out = {}
+    for name, model, group in (("tp1", model1, model1.pg_collection.tp), ("tp2", model2, model2.pg_collection.tp)):
+        model.zero_grad(set_to_none=True)
+        reference = packed_token_loss(model, flat) * weights
+        (reference.sum() * 0.5).backward()
+        ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        ref_logprobs = stream_logprobs(model, flat, group)
+        model.zero_grad(set_to_none=True)
+        assert not fused_enabled(model)
+        enable_fused_output(model, chunk_size=7)
+        enable_fused_output(model, chunk_size=7)  # idempotent
+        weighted, per_token = packed_fused_loss(model, flat)
+        (weighted.sum() * 0.5).backward()
+        weighted, reference = weighted.detach(), reference.detach()
+        out[name] = {
+            "loss": float((weighted - reference).abs().max() / reference.abs().max()),
+            "per_token": float((per_token * weights - reference).abs().max() / reference.abs().max()),
+            "grads": max(float((p.grad - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp(min=1e-12))
+                         for k, p in model.named_parameters()),
+            "logprobs": float((stream_logprobs(model, flat, group) - ref_logprobs).abs().max()),
+            # outside fused_targets the output layer is Megatron's own: logits as before
+            "logits_shape": tuple(packed_logits(model, make_batch()).shape),
+        }
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +190,16 @@ def test_tp2_equals_tp1_and_thd_equals_sbhd(two_ranks):
     for res in two_ranks:
         assert res["tp2_vs_tp1"] <= 1e-5, res
         assert res["sbhd_vs_thd"] <= 1e-5, res
+
+
+@pytest.mark.distributed
+def test_fused_output_layer_equals_the_models_loss(two_ranks):
+    for rank, res in enumerate(two_ranks):
+        for name, padded in (("tp1", 256), ("tp2", 128)):
+            fused = res["fused"][name]
+            assert fused["loss"] <= 1e-5 and fused["per_token"] <= 1e-5 and fused["grads"] <= 1e-5, (rank, name, fused)
+            assert fused["logprobs"] <= 1e-5, (rank, name, fused)
+            assert fused["logits_shape"] == (L, 2, padded)
 
 
 def test_model_config_validation():

@@ -65,9 +65,10 @@ def _runs_on_rank(rank, world_size, plans):
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """Three runs in one spawn of two ranks (ranks start once; run_training = plan_run + spawn):
+    """Four runs in one spawn of two ranks (ranks start once; run_training = plan_run + spawn):
     20 weighted steps at TP = 2 with a checkpoint at the end; the same run interrupted after
-    step 8 (checkpoint); and its resumption from that checkpoint to step 20."""
+    step 8 (checkpoint); its resumption from that checkpoint to step 20; the first run with the
+    fused linear cross-entropy (`fused_cross_entropy: torch`)."""
     from megatron_tokweight.trainer.spawn import spawn
 
     root = tmp_path_factory.mktemp("runs")
@@ -76,10 +77,11 @@ def runs(data_dir, tmp_path_factory):
         TrainConfig.from_dict(config_dict(data_dir, save_dir=str(full_dir))),
         TrainConfig.from_dict(config_dict(data_dir, save_dir=str(part_dir), exit_interval=8)),
         TrainConfig.from_dict(config_dict(data_dir, save_dir=str(part_dir), resume=True)),
+        TrainConfig.from_dict(config_dict(data_dir, save_dir=str(root / "fused"), fused_cross_entropy="torch")),
     ]
-    full, first, second = spawn(_runs_on_rank, 2, [plan_run(c) for c in configs])[0]
-    return {"full": full, "first": first, "second": second, "full_dir": full_dir, "part_dir": part_dir,
-            "configs": configs}
+    full, first, second, fused = spawn(_runs_on_rank, 2, [plan_run(c) for c in configs])[0]
+    return {"full": full, "first": first, "second": second, "fused": fused, "full_dir": full_dir,
+            "part_dir": part_dir, "fused_dir": root / "fused", "configs": configs}
 
 
 @pytest.mark.distributed
@@ -109,6 +111,25 @@ def test_resume_is_exact(runs):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, model_b[key]), key
         assert opt_a.keys() == opt_b.keys()
+
+
+@pytest.mark.distributed
+def test_the_fused_cross_entropy_trains_the_same_model(runs):
+    """Same reports (training and held-out) and parameters after 20 steps at TP = 2, to fp32
+    round-off compounded over 20 Adam steps; no logits were held by the fused run."""
+    full, fused = runs["full"], runs["fused"]
+    for a, b in zip(full.steps, fused.steps):
+        assert a.real_tokens == b.real_tokens
+        for key, value in a.reports.items():
+            assert abs(b.reports[key] - value) <= 1e-4 * max(1.0, abs(value)), (a.step, key, value, b.reports[key])
+    for key, value in full.evals[-1]["losses"].items():
+        assert abs(fused.evals[-1]["losses"][key] - value) <= 1e-4 * max(1.0, abs(value)), key
+    for rank in range(2):
+        model_a, _ = checkpoint_params(runs["full_dir"], 20, rank)
+        model_b, _ = checkpoint_params(runs["fused_dir"], 20, rank)
+        for key, value in model_a.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert float((value - model_b[key]).abs().max()) <= 1e-4 * max(1.0, float(value.abs().max())), key
 
 
 @pytest.mark.distributed

@@ -1,0 +1,205 @@
+"""The fused linear weighted cross-entropy against Megatron's path, side by side, forward + backward.
+
+Megatron's path: `ColumnParallelLinear` (gather_output=False, the GPT output layer) then
+`weighted_cross_entropy` (Megatron's `vocab_parallel_cross_entropy` steps) times w_t, summed,
+backward. Fused: `fused_linear_weighted_cross_entropy` on the same hidden states and weight shard.
+Optionally (`--cce`) Apple's `cut-cross-entropy` (`linear_cross_entropy(reduction="none")` times
+w_t; on CPU only its `torch_compile` implementation runs: its Triton kernel needs a GPU).
+
+Memory, per rank, from the kernel's resident-set counters (CPU has no allocator statistics). So
+that RSS follows the live tensors, every allocation of 64 KiB or more is its own mapping, returned
+at free (glibc `mallopt(M_MMAP_THRESHOLD)`, set in each rank before any tensor), the heap is
+trimmed before each run and VmHWM reset (`/proc/self/clear_refs`); then
+- "loss scope": peak RSS during forward + backward minus RSS before (includes the weight and
+  hidden gradients every path must return);
+- "transient": peak minus RSS after the backward with those gradients alive (what the loss
+  computation holds beyond its results: the logits, their gradient, chunk buffers).
+Time: the best of `--reps` runs per path, paths alternating. Ratios are fused / Megatron.
+
+    python benchmarks/bench_fused_ce.py                 # V 152,064, s 4,096, h 1,024, TP 1 and 2, fp32
+    python benchmarks/bench_fused_ce.py --sweep-tokens 1024   # plus the V sweep 32k..256k
+Writes benchmarks/results/bench_fused_ce.json and .md.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
+
+
+def track_allocations_in_rss() -> None:
+    _libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed tensors leave the RSS
+
+
+def measure(run, reset):
+    """(seconds, loss-scope bytes, transient bytes) of one forward + backward."""
+    import gc
+
+    reset()  # the previous run's gradients go: each run allocates its own
+    gc.collect()
+    _libc().malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak-RSS counter (VmHWM)
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    keep = run()
+    seconds = time.perf_counter() - start
+    peak, after = _status("VmHWM"), _status("VmRSS")
+    del keep
+    return seconds, peak - before, peak - after
+
+
+def _paths(tokens, hidden_size, vocab, tp_group, with_cce):
+    """{name: run()} sharing one set of inputs; each run returns the gradients it produced."""
+    from megatron.core import ModelParallelConfig
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from megatron_tokweight.loss import (
+        fused_linear_weighted_cross_entropy,
+        weighted_cross_entropy,
+    )
+
+    tp, rank = tp_group.size(), tp_group.rank()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, 1, hidden_size, generator=g).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens, 1), generator=g)
+    weights = torch.rand(tokens, 1, generator=g)
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=False)
+    layer = ColumnParallelLinear(hidden_size, vocab, config=config, init_method=torch.nn.init.zeros_, bias=False,
+                                 gather_output=False, tp_group=tp_group)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(vocab, hidden_size, generator=g)[rank * vocab // tp:(rank + 1) * vocab // tp] * 0.02)
+
+    def reset():
+        hidden.grad, layer.weight.grad = None, None
+
+    def megatron():
+        reset()
+        logits, _ = layer(hidden)
+        weighted_cross_entropy(logits, labels, weights, tp_group).sum().backward()
+        return hidden.grad, layer.weight.grad
+
+    def fused():
+        reset()
+        fused_linear_weighted_cross_entropy(hidden, layer.weight, labels, weights, tp_group).sum().backward()
+        return hidden.grad, layer.weight.grad
+
+    paths = {"megatron": megatron, "fused": fused, "reset": reset}
+    if with_cce and tp == 1:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce():
+            reset()
+            loss = linear_cross_entropy(hidden[:, 0], layer.weight, labels[:, 0], reduction="none", impl="torch_compile")
+            (loss * weights[:, 0]).sum().backward()
+            return hidden.grad, layer.weight.grad
+
+        paths["cut-cross-entropy (torch_compile)"] = cce
+    return paths
+
+
+def run_case(tokens, hidden_size, vocab, tp_group, reps, with_cce):
+    paths = _paths(tokens, hidden_size, vocab, tp_group, with_cce)
+    reset = paths.pop("reset")
+    for run in paths.values():  # warm-up (torch.compile, first-touch page faults), not measured
+        run()
+    best = {name: None for name in paths}
+    for rep in range(reps):
+        order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+        for name in order:
+            result = measure(paths[name], reset)
+            old = best[name]
+            best[name] = result if old is None else (min(old[0], result[0]), max(old[1], result[1]), max(old[2], result[2]))
+    return {name: {"seconds": s, "loss_scope_bytes": m, "transient_bytes": t} for name, (s, m, t) in best.items()}
+
+
+def _rank(rank, world_size, cases, reps, with_cce):
+    import torch.distributed as dist
+
+    track_allocations_in_rss()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    group = dist.new_group(list(range(world_size)))
+    return [dict(case, tp=world_size, results=run_case(case["tokens"], case["hidden"], case["vocab"], group, reps, with_cce))
+            for case in cases]
+
+
+def run_tp(world_size, cases, reps, with_cce):
+    from megatron_tokweight.trainer.spawn import spawn
+
+    per_rank = spawn(_rank, world_size, cases, reps, with_cce)
+    out = []
+    for i, case in enumerate(per_rank[0]):  # the worst rank per path
+        merged = dict(case)
+        merged["results"] = {name: {key: max(r[i]["results"][name][key] for r in per_rank) for key in values}
+                             for name, values in case["results"].items()}
+        out.append(merged)
+    return out
+
+
+def _table(rows):
+    lines = ["| V | tokens | h | TP | path | time s | loss scope MiB | transient MiB | time ratio | scope ratio | transient ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        base = row["results"]["megatron"]
+        for name, r in row["results"].items():
+            lines.append(
+                f"| {row['vocab']:,} | {row['tokens']:,} | {row['hidden']:,} | {row['tp']} | {name} | {r['seconds']:.2f} | "
+                f"{r['loss_scope_bytes'] / 2**20:,.0f} | {r['transient_bytes'] / 2**20:,.0f} | "
+                f"{r['seconds'] / base['seconds']:.3f} | {r['loss_scope_bytes'] / max(base['loss_scope_bytes'], 1):.3f} | "
+                f"{r['transient_bytes'] / max(base['transient_bytes'], 1):.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=152_064)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--sweep-tokens", type=int, default=0,
+                        help="also sweep V over 32k, 64k, 128k, 256k at this many tokens (0: no sweep)")
+    parser.add_argument("--cce", action="store_true", help="include cut-cross-entropy (TP 1 only)")
+    parser.add_argument("--out", default=str(RESULTS / "bench_fused_ce"))
+    args = parser.parse_args(argv)
+
+    cases = [{"vocab": args.vocab, "tokens": args.tokens, "hidden": args.hidden}]
+    if args.sweep_tokens:
+        cases += [{"vocab": v, "tokens": args.sweep_tokens, "hidden": args.hidden} for v in (32_768, 65_536, 131_072, 262_144)]
+    rows = []
+    started = time.time()
+    for tp in args.tp:
+        tp_cases = cases if tp == 1 else cases[:1]  # the sweep at TP 1
+        rows += run_tp(tp, tp_cases, args.reps, args.cce)
+        print(_table(rows), flush=True)
+    table = _table(rows)
+    meta = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "dtype": "float32", "seconds": time.time() - started, "argv": sys.argv[1:]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(args.out + ".md").write_text(f"{table}\n\n{json.dumps(meta)}\n")
+    print(f"\n{table}\n\nwrote {args.out}.json and .md ({meta['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
