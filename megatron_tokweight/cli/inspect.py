@@ -12,7 +12,7 @@ import sys
 
 from megatron_tokweight.cli.pack import add_packing_arguments
 from megatron_tokweight.cli.row_style import (
-    PROMPT_COLOR,
+    TERMINAL_PROMPT_COLOR,
     heat_rgb,
     ink_rgb,
     padding_title,
@@ -71,7 +71,7 @@ def print_rows(console, views, settings: str) -> None:
         return Color.from_rgb(*c)
 
     top = top_weight(views)
-    prompt = Style(color=rgb(PROMPT_COLOR))
+    prompt = Style(color=rgb(TERMINAL_PROMPT_COLOR))
     legend = Text(settings + "\n", style="bold")
     legend.append("prompt (not trained)", style=prompt)
     legend.append("   trained, by weight: ")

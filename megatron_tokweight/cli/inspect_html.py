@@ -32,9 +32,8 @@ table.samples td.task { text-align: left; }
 .sample { border-left: 4px solid #2b6cb0; margin: 8px 0; padding: 2px 0 2px 10px; }
 .head { font-size: 13px; font-weight: 600; color: #2b6cb0; margin-bottom: 3px; }
 .tokens { font: 13px/1.9 ui-monospace, SFMono-Regular, Menlo, monospace; white-space: pre-wrap;
-          word-break: break-all; }
-.tokens span { border-right: 1px solid rgba(0, 0, 0, 0.18); }
-.tokens span.p { border-right-color: rgba(0, 0, 0, 0.06); }
+          overflow-wrap: anywhere; }
+.tokens span:hover { outline: 2px solid #1a4f8b; }
 .pad { color: #777; font-style: italic; font-size: 13px; margin: 8px 0; }
 """
 
@@ -54,7 +53,7 @@ def _legend(top: float) -> str:
         back = heat_rgb(weight, top)
         steps.append(f'<span style="background:{_hex(back)};color:{_hex(ink_rgb(back))}">{weight:.3g}</span>')
     return (f'<div class="legend"><span style="color:{_hex(PROMPT_COLOR)}">prompt (not trained)</span>'
-            f'<span>trained target, colour = its loss weight:</span><span class="scale">{"".join(steps)}</span></div>')
+            f'<span>trained target, colour = its loss weight (0 to the largest shown):</span><span class="scale">{"".join(steps)}</span></div>')
 
 
 def _sample_table(view) -> str:

@@ -4,7 +4,9 @@ samples and padding."""
 
 # the heat map, from weight 0 to the largest weight shown (yellow-orange-red, legible on both ends)
 HEAT_STOPS = ((255, 247, 188), (254, 217, 118), (253, 141, 60), (227, 26, 28), (128, 0, 38))
-PROMPT_COLOR = (128, 128, 128)
+PROMPT_COLOR = (105, 105, 105)  # on the page's white: 5.4:1, still apart from black
+# a terminal may be dark or light: a middle grey reads about 4:1 on either
+TERMINAL_PROMPT_COLOR = (128, 128, 128)
 # a newline or tab inside a token is shown as a mark too, so a trained one is visible
 VISIBLE = {"\n": "\u21b5\n", "\t": "\u21e5\t", "\r": "\u240d"}
 
@@ -34,9 +36,12 @@ def shown(text: str) -> str:
 
 
 def row_title(view) -> str:
+    """'row 3 (pack row 9): 2 samples, 118 of 128 positions real, 10 padding (2 of it CP)'."""
     pad = view.seq_length - view.real_tokens
-    return (f"row {view.index} (pack row {view.pack_row}): {len(view.samples)} samples, "
-            f"{view.real_tokens:,} of {view.seq_length:,} positions real, {pad:,} padding")
+    cp = sum(s.end - s.start - s.real for s in view.samples)
+    samples = f"{len(view.samples)} sample{'' if len(view.samples) == 1 else 's'}"
+    return (f"row {view.index} (pack row {view.pack_row}): {samples}, {view.real_tokens:,} of "
+            f"{view.seq_length:,} positions real, {pad:,} padding" + (f" ({cp:,} of it CP)" if cp else ""))
 
 
 def segment_title(segment) -> str:

@@ -11,6 +11,7 @@
   row_gather          RowGather: the C++ gather of a packed row's arrays
   packed_dataset      PackedDataset / PackedDatasetConfig for Megatron-Core's dataset builder
   pack_report         PackReport: what packing does to a prepared dataset
+  row_view            RowView: a PackedDataset row's segments, decoded tokens, targets (tokweight inspect)
   thd_batch           rows -> one THD stream, context-parallel slicing, PackedSeqParams
   sources             data sets the project generates or converts (GSM8K, the demo corpus)
 

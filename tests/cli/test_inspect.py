@@ -168,7 +168,7 @@ def test_terminal_colours_trained_targets(opened):
     console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=100)
     print_rows(console, views[:3], "settings")
     out = console.file.getvalue()
-    assert "\x1b[" in out and "48;2;" in out  # truecolor backgrounds
+    assert "\x1b[" in out and "48;2;" in out and "38;2;128;128;128" in out  # heat-map backgrounds, grey prompt
     parsed = Text.from_ansi(out)
     coloured = "".join(parsed.plain[span.start:span.end] for span in parsed.spans
                        if span.style and getattr(span.style, "bgcolor", None) and "weight" not in
