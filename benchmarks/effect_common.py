@@ -1,0 +1,102 @@
+"""Shared pieces of the effect benchmarks (bench_effect_mixture.py, bench_effect_longcontext.py).
+
+Every training run is an independent one-rank `tokweight train` job (TP = DP = 1) run by
+`train_on_rank` inside a pool of worker processes, each holding its own one-rank gloo world and
+one torch thread: on a small CPU model two single-threaded runs side by side use two cores far
+better than one run with two threads.
+"""
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    store_dir = tempfile.mkdtemp(prefix="tokweight-bench-gloo-")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(os.path.join(store_dir, "store"), 1))
+
+
+def run_jobs(fn: Callable[[Any], Dict[str, Any]], jobs: Sequence[Any], workers: int, label=str) -> List[Dict[str, Any]]:
+    """fn(job) for every job in `workers` processes (jobs started in the given order); results
+    in job order. Prints one line per finished job."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    results: List[Any] = [None] * len(jobs)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(1,), maxtasksperchild=None) as pool:
+        for done, (i, out) in enumerate(pool.imap_unordered(_indexed, [(fn, i, job) for i, job in enumerate(jobs)]), 1):
+            results[i] = out
+            print(f"  [{done:3d}/{len(jobs)}] {label(jobs[i])}: {out.get('summary', '')} "
+                  f"({out.get('seconds', 0):.0f} s; {time.perf_counter() - t0:.0f} s elapsed)", flush=True)
+    return results
+
+
+def _indexed(item):
+    fn, i, job = item
+    return i, fn(job)
+
+
+def one_rank_groups():
+    """The TP and DP groups of the worker's one-rank world."""
+    from megatron_tokweight.trainer.micro_batches import make_groups
+
+    return make_groups(0, 1, 1)
+
+
+def trained_model(save_dir: str, vocab_size: int):
+    """The model of `save_dir`'s latest checkpoint (eval mode), then the checkpoint is removed."""
+    import torch.distributed as dist
+
+    from megatron_tokweight.longcontext.scorer_offline import load_scorer, open_checkpoint
+
+    model = load_scorer(open_checkpoint(save_dir), vocab_size, dist.new_group([0]), 0)
+    shutil.rmtree(save_dir, ignore_errors=True)
+    return model
+
+
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    """mean, sample std (0 for one value), min, max and n of finite values."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: Dict[str, float], digits: int = 3, percent: bool = False) -> str:
+    """"mean ± std [min, max]" of a `spread`."""
+    if not s["n"]:
+        return "n/a"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    sign = "+" if percent else ""
+    return (f"{s['mean'] * scale:{sign}.{digits}f}{unit} ± {s['std'] * scale:.{digits}f} "
+            f"[{s['min'] * scale:{sign}.{digits}f}, {s['max'] * scale:{sign}.{digits}f}]")
+
+
+def inside_spread(a: Dict[str, float], b: Dict[str, float]) -> bool:
+    """Whether two seed spreads overlap (min/max ranges): then no difference is claimed."""
+    return a["n"] > 0 and b["n"] > 0 and not (a["max"] < b["min"] or b["max"] < a["min"])
+
+
+def setup_path() -> None:
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+
+def cpu_note() -> str:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return f"{os.cpu_count()} CPUs, load average {load:.2f} at the start"
