@@ -12,8 +12,18 @@ Three shapes, one per line (extra top-level fields are ignored, except the task 
 
 A segment list `[{"text": str, "kind": str}, ...]` splits one answer into spans of different
 kinds (e.g. a "rationale" then an "answer"); a segment without "kind" takes the message's kind.
+OpenAI-style content parts are segments: `{"type": "text", "text": ...}` parts are joined (in any
+turn); a part of another type (an image, audio) is an error naming the line and the part, unless
+`drop_non_text_parts` drops it (counted in `EncodedSample.dropped_parts`).
 
-Chat template (every tokenizer; markers are single special tokens, see `tokenizer`):
+A tokenizer's own chat template (`data.chat_template.ChatTemplate`, `tokweight prepare
+--tokenizer DIR`) renders chat and prompt/response lines instead of the built-in template below;
+there any role the template knows is allowed ("tool" ...), message fields such as `tool_calls`
+and `reasoning_content` and a line's `"tools"` list reach the template, and the trained spans
+are found as that module describes. Text lines are encoded as below either way.
+
+Built-in chat template (the byte tokenizer, a bare tokenizer.json or `--chat-template builtin`;
+markers are single special tokens, see `tokenizer`):
 
     <|bos|> (<|role|> content <|eot|>)*          chat and prompt/response
     <|bos|> text <|eot|>                          text
@@ -73,6 +83,7 @@ class EncodedSample:
     task: str
     group: Optional[Hashable]
     line: int
+    dropped_parts: int = 0  # content parts of another type than text, dropped on request
 
     @property
     def n_answer(self) -> int:
@@ -141,8 +152,10 @@ class _Builder:
 class _Line:
     """Error messages for one line: `path:line: field 'x': problem`."""
 
-    def __init__(self, path, line):
+    def __init__(self, path, line, drop_non_text: bool = False):
         self.path, self.line = path, line
+        self.drop_non_text = drop_non_text
+        self.dropped_parts = 0
 
     def error(self, field: Optional[str], problem: str) -> DataFormatError:
         where = f"{self.path}:{self.line}"
@@ -161,7 +174,9 @@ class _Line:
     def kind(self, obj: dict, field: str, default: str) -> str:
         return self.string(obj, "kind", field, allow_empty=False) if "kind" in obj else default
 
-    def segments(self, value, field: str, default_kind: str) -> List[Tuple[str, str]]:
+    def segments(self, value, field: str, default_kind: Optional[str]) -> List[Tuple[str, str]]:
+        """A content string or list of parts -> [(text, kind)]; `default_kind` None: no kinds allowed
+        (a prompt turn). Parts of another type than text are an error, or dropped and counted."""
         if isinstance(value, str):
             return [(value, default_kind)]
         if not isinstance(value, list):
@@ -171,12 +186,20 @@ class _Line:
             f = f"{field}[{i}]"
             if not isinstance(seg, dict):
                 raise self.error(f, f"expected a {{\"text\", \"kind\"}} object, got {_typename(seg)}")
+            if seg.get("type", "text") != "text":
+                if self.drop_non_text:
+                    self.dropped_parts += 1
+                    continue
+                raise self.error(
+                    f"{f}.type", f"{seg['type']!r} content is not text; only text can be trained "
+                    "(--drop-non-text-parts drops such parts, counted in the report)"
+                )
             # a misspelt key would otherwise train the segment as the default kind
             problem = unknown_keys(seg, SEGMENT_KEYS)
             if problem:
                 raise self.error(f, problem)
-            if seg.get("type", "text") != "text":
-                raise self.error(f"{f}.type", f"{seg['type']!r} content is not text; only text segments can be trained")
+            if default_kind is None and "kind" in seg:
+                raise self.error(f"{f}.kind", "only assistant turns have a span kind")
             out.append((self.string(seg, "text", f"{f}.text"), self.kind(seg, f"{f}.kind", default_kind)))
         return out
 
@@ -198,43 +221,75 @@ def detect_shape(obj: dict, line: _Line) -> str:
     raise line.error(None, f"ambiguous shape: has the fields of {' and '.join(found)} (found {sorted(obj)})")
 
 
-def _encode_shape(obj: dict, tokenizer, line: _Line) -> _Builder:
+def _parse_messages(messages, line: _Line, builtin: bool) -> List[Tuple[dict, List[Tuple[str, str]]]]:
+    """[(message, its content as (text, kind) segments)]; roles other than system/user/assistant
+    only for a tokenizer's own template (which decides what they mean, e.g. "tool")."""
+    if not isinstance(messages, list):
+        raise line.error("messages", f"expected a list of messages, got {_typename(messages)}")
+    out = []
+    for i, msg in enumerate(messages):
+        f = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise line.error(f, f"expected a {{\"role\", \"content\"}} object, got {_typename(msg)}")
+        role = line.string(msg, "role", f"{f}.role", allow_empty=False)
+        if builtin and role not in ROLES:
+            raise line.error(f"{f}.role", f"expected one of {list(ROLES)}, got {role!r}")
+        if "content" not in msg:
+            raise line.error(f"{f}.content", "missing")
+        if role == "assistant":
+            kind = line.kind(msg, f"{f}.kind", ANSWER_KIND)
+        elif "kind" in msg:
+            raise line.error(f"{f}.kind", f"only assistant turns have a span kind; this is a {role} turn")
+        else:
+            kind = None
+        out.append((msg, line.segments(msg["content"], f"{f}.content", kind)))
+    if not any(msg["role"] == "assistant" for msg, _ in out):
+        raise line.error("messages", f"no assistant turn among {len(messages)} messages: nothing to train on")
+    return out
+
+
+def _joined(segments) -> str:
+    return "".join(text for text, _ in segments)
+
+
+def _encode_with_template(parsed, obj: dict, template, line: _Line):
+    """Token ids and spans of a conversation rendered with a tokenizer's own chat template."""
+    from megatron_tokweight.data.chat_template import AssistantTurn
+
+    messages, turns = [], []
+    for i, (msg, segments) in enumerate(parsed):
+        messages.append({**{k: v for k, v in msg.items() if k != "kind"}, "content": _joined(segments)})
+        if msg["role"] == "assistant":
+            payload = bool(_joined(segments)) or any(msg.get(k) for k in ("tool_calls", "reasoning_content"))
+            turns.append(AssistantTurn(i, segments, payload))
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise line.error("tools", f"expected a list of tool schemas, got {_typename(tools)}")
+    return template.encode(messages, turns, tools, f"{line.path}:{line.line}")
+
+
+def _encode_shape(obj: dict, tokenizer, line: _Line, template=None) -> Tuple[List[int], List[tuple]]:
     shape = detect_shape(obj, line)
-    b = _Builder(tokenizer)
     if shape == "chat":
-        messages = obj["messages"]
-        if not isinstance(messages, list):
-            raise line.error("messages", f"expected a list of messages, got {_typename(messages)}")
-        has_assistant = False
-        for i, msg in enumerate(messages):
-            f = f"messages[{i}]"
-            if not isinstance(msg, dict):
-                raise line.error(f, f"expected a {{\"role\", \"content\"}} object, got {_typename(msg)}")
-            role = line.string(msg, "role", f"{f}.role")
-            if role not in ROLES:
-                raise line.error(f"{f}.role", f"expected one of {list(ROLES)}, got {role!r}")
-            if role == "assistant":
-                has_assistant = True
-                if "content" not in msg:
-                    raise line.error(f"{f}.content", "missing")
-                kind = line.kind(msg, f"{f}.kind", ANSWER_KIND)
-                b.answer_turn(line.segments(msg["content"], f"{f}.content", kind))
-            else:
-                if "kind" in msg:
-                    raise line.error(f"{f}.kind", f"only assistant turns have a span kind; this is a {role} turn")
-                b.prompt_turn(role, line.string(msg, "content", f"{f}.content"))
-        if not has_assistant:
-            raise line.error("messages", f"no assistant turn among {len(messages)} messages: nothing to train on")
+        parsed = _parse_messages(obj["messages"], line, builtin=template is None)
     elif shape == "prompt/response":
         prompt = line.string(obj, "prompt", "prompt")
         if "response" not in obj:
             raise line.error("response", "missing")
-        segments = line.segments(obj["response"], "response", ANSWER_KIND)
-        b.prompt_turn("user", prompt)
-        b.answer_turn(segments)
-    else:
+        parsed = [({"role": "user", "content": prompt}, [(prompt, None)]),
+                  ({"role": "assistant", "content": obj["response"]}, line.segments(obj["response"], "response", ANSWER_KIND))]
+    if shape != "text" and template is not None:
+        return _encode_with_template(parsed, obj, template, line)
+    b = _Builder(tokenizer)
+    if shape == "text":
         b.answer_turn([(line.string(obj, "text", "text"), TEXT_KIND)], role=None)
-    return b
+    else:
+        for msg, segments in parsed:
+            if msg["role"] == "assistant":
+                b.answer_turn(segments)
+            else:
+                b.prompt_turn(msg["role"], _joined(segments))
+    return b.tokens, [tuple(s) for s in b.spans]
 
 
 def _task_and_group(obj: dict, fields: JsonlFields, line: _Line):
@@ -254,21 +309,26 @@ def _task_and_group(obj: dict, fields: JsonlFields, line: _Line):
     return task, group
 
 
-def encode_record(obj: dict, tokenizer, fields: JsonlFields = JsonlFields(), path="<input>", line_no: int = 0) -> EncodedSample:
-    """One parsed JSONL object -> EncodedSample; errors name `path:line_no`, the field and the problem."""
-    line = _Line(path, line_no)
+def encode_record(obj: dict, tokenizer, fields: JsonlFields = JsonlFields(), path="<input>", line_no: int = 0,
+                  template=None, drop_non_text_parts: bool = False) -> EncodedSample:
+    """One parsed JSONL object -> EncodedSample; errors name `path:line_no`, the field and the problem.
+
+    `template`: a `data.chat_template.ChatTemplate` rendering chat and prompt/response lines (None:
+    the built-in template); `drop_non_text_parts`: drop content parts that are not text (counted in
+    `EncodedSample.dropped_parts`) instead of refusing them."""
+    line = _Line(path, line_no, drop_non_text_parts)
     task, group = _task_and_group(obj, fields, line)
     try:
-        b = _encode_shape(obj, tokenizer, line)
+        tokens, spans = _encode_shape(obj, tokenizer, line, template)
     except UnicodeEncodeError as err:
         bad = err.object[err.start:err.end]
         raise line.error(None, f"a string holds {bad!r}, an unpaired surrogate: not valid Unicode text") from err
-    return EncodedSample(
-        tokens=b.tokens, spans=[tuple(s) for s in b.spans], task=task, group=group, line=line_no
-    )
+    return EncodedSample(tokens=tokens, spans=spans, task=task, group=group, line=line_no,
+                         dropped_parts=line.dropped_parts)
 
 
-def iter_samples(reader: JsonlReader, tokenizer, fields: JsonlFields = JsonlFields()) -> Iterator[EncodedSample]:
+def iter_samples(reader: JsonlReader, tokenizer, fields: JsonlFields = JsonlFields(), template=None,
+                 drop_non_text_parts: bool = False) -> Iterator[EncodedSample]:
     """Encoded samples of a JSONL file, streaming (one line in memory at a time)."""
     for line_no, obj in reader:
-        yield encode_record(obj, tokenizer, fields, reader.path, line_no)
+        yield encode_record(obj, tokenizer, fields, reader.path, line_no, template, drop_non_text_parts)

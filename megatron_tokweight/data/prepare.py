@@ -16,6 +16,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from megatron_tokweight.common.files import atomic_path
+from megatron_tokweight.data.chat_template import (
+    chat_spec_fields,
+    resolve_chat_template,
+)
 from megatron_tokweight.data.content_identity import file_sha256
 from megatron_tokweight.data.jsonl_shapes import JsonlFields, JsonlReader, iter_samples
 from megatron_tokweight.data.sidecar import (
@@ -103,13 +107,21 @@ def prepare_jsonl(
     group_field: str = "group",
     specials: Optional[Dict[str, str]] = None,
     progress: bool = False,
+    chat_template: Optional[str] = None,
+    end_of_turn: Optional[str] = None,
+    drop_non_text_parts: bool = False,
 ) -> PrepareReport:
-    """Tokenize `input_path` into PREFIX.bin/.idx and PREFIX.tokweight/; return what was written."""
+    """Tokenize `input_path` into PREFIX.bin/.idx and PREFIX.tokweight/; return what was written.
+
+    Conversations render with the tokenizer directory's own chat template, or `chat_template`
+    (a Jinja file, or "builtin" for the plugin's marker template; the byte tokenizer and a bare
+    tokenizer.json use that one); see `data.chat_template` for what is trained."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     t0 = time.perf_counter()
     input_path, prefix = os.fspath(input_path), os.fspath(prefix)
     tok = load_tokenizer(tokenizer, specials=specials)
+    template = resolve_chat_template(tokenizer, tok, chat_template, end_of_turn)
     fields = JsonlFields(task_field=task_field, default_task=default_task, group_field=group_field)
     dtype = token_dtype_for(tok.vocab_size)
     reader = JsonlReader(input_path)
@@ -118,6 +130,7 @@ def prepare_jsonl(
     check_output_prefix(prefix)
 
     meta = SampleMetadataBuilder()
+    dropped_parts = 0
     try:
         # the sidecar is renamed into place first, then .idx, then .bin (inner blocks commit first);
         # it records both files' sha256, so a run interrupted between the renames leaves a
@@ -129,22 +142,25 @@ def prepare_jsonl(
 
                 with tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
                           disable=not progress, file=sys.stderr) as bar:
-                    for sample in iter_samples(reader, tok, fields):
+                    for sample in iter_samples(reader, tok, fields, template, drop_non_text_parts):
                         builder.add_document(np.asarray(sample.tokens, dtype=dtype), [len(sample.tokens)])
                         meta.add(len(sample.tokens), sample.task, sample.group, sample.spans)
+                        dropped_parts += sample.dropped_parts
                         bar.update(reader.bytes_read - bar.n)
                 builder.finalize(idx_tmp)
             except BaseException:
                 builder.data_file.close()
                 raise
-            metadata = meta.build(tok.spec(), np.dtype(dtype).name, source=os.path.abspath(input_path))
+            spec = {**tok.spec(), **chat_spec_fields(template)}
+            metadata = meta.build(spec, np.dtype(dtype).name, source=os.path.abspath(input_path))
             if metadata.num_samples == 0:
                 raise DataFormatError(
                     f"{input_path}: no samples: the file is empty or all of its {reader.blank_lines} lines are "
                     "blank; nothing was written"
                 )
             empty = metadata.n_answer == 0
-            metadata.counts = {"empty_answer": int(empty.sum()), "blank_lines": reader.blank_lines}
+            metadata.counts = {"empty_answer": int(empty.sum()), "blank_lines": reader.blank_lines,
+                               "dropped_non_text_parts": dropped_parts}
             metadata.content = {"bin_sha256": file_sha256(bin_tmp), "idx_sha256": file_sha256(idx_tmp)}
             write_sidecar(prefix, metadata)
     except OSError as err:

@@ -12,6 +12,7 @@ every sample), `system`, `user`, `assistant` (open a turn).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -105,20 +106,11 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, path: Union[str, os.PathLike], specials: Optional[Dict[str, str]] = None):
-        from tokenizers import Tokenizer
-
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isfile(self.path):
             raise ConfigError(f"tokenizer file {self.path} does not exist (expected a Hugging Face tokenizer.json)")
-        try:
-            self._tok = Tokenizer.from_file(self.path)
-        except Exception as err:  # the Rust library raises plain Exceptions with its own message
-            raise ConfigError(f"{self.path}: not a readable Hugging Face tokenizer.json: {err}") from err
-        with open(self.path, "rb") as f:
-            self.sha256 = hashlib.sha256(f.read()).hexdigest()
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        # Special-token strings inside user text stay text: data cannot inject role markers or eod.
-        self._tok.encode_special_tokens = True
+        st = os.stat(self.path)
+        self._tok, self.sha256, self.vocab_size = _read_tokenizer_json(self.path, st.st_size, st.st_mtime_ns)
 
         specials = dict(specials or {})
         unknown = sorted(set(specials) - set(SPECIAL_NAMES))
@@ -152,9 +144,12 @@ class HFTokenizer:
         self.bos_id = self._special_ids.get("bos")
 
     def _find(self, candidates):
+        # a tokenizer that declares special (added) tokens: only those ("<s>" is an ordinary merge
+        # in Qwen's vocabulary, not a bos); one that declares none: its plain vocabulary
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
         for token in candidates:
             token_id = self._tok.token_to_id(token)
-            if token_id is not None:
+            if token_id is not None and (token in added or not added):
                 return token, token_id
         return None, None
 
@@ -192,6 +187,23 @@ class HFTokenizer:
 
 
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tokenizer_json(path: str, size: int, mtime_ns: int):
+    """(tokenizers.Tokenizer, sha256, vocabulary size) of one version of a tokenizer.json: a real
+    one is ~10 MB of JSON, seconds to parse, so one process reads each version once."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as err:  # the Rust library raises plain Exceptions with its own message
+        raise ConfigError(f"{path}: not a readable Hugging Face tokenizer.json: {err}") from err
+    with open(path, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    # Special-token strings inside user text stay text: data cannot inject role markers or eod.
+    tok.encode_special_tokens = True
+    return tok, sha256, tok.get_vocab_size(with_added_tokens=True)
 
 
 def _check_role(role: str) -> None:

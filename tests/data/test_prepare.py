@@ -125,7 +125,7 @@ def test_prepare_round_trip_spans_tasks_groups(tmp_path):
     assert md.tokenizer == ByteTokenizer().spec() and md.token_dtype == "uint16"
 
     assert report.num_samples == 11 and report.num_tokens == sum(map(len, expected_tokens))
-    assert report.counts == {"empty_answer": 4, "blank_lines": 1} == md.counts
+    assert report.counts == {"empty_answer": 4, "blank_lines": 1, "dropped_non_text_parts": 0} == md.counts
     assert report.tasks["misc"].empty_answers == 4 and report.tasks["qa"].empty_answers == 0
     assert report.tasks["qa"].answer_tokens == 3 + 2
     assert sum(report.kind_tokens.values()) == int(md.n_answer.sum())
