@@ -27,14 +27,28 @@ class RunPlan:
 
 
 def _require_prefix(prefix: str, where: str) -> None:
-    from megatron_tokweight.data.sidecar import sidecar_dir
-
-    missing = [p for p in (prefix + ".bin", prefix + ".idx", sidecar_dir(prefix)) if not os.path.exists(p)]
+    # no sidecar is fine: a plain Megatron prefix, read as text samples
+    missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.exists(p)]
     if missing:
         raise ConfigError(
             f"{where}: dataset prefix {prefix!r} is incomplete ({', '.join(missing)} not found); "
-            "create it with `tokweight prepare INPUT.jsonl -o PREFIX`"
+            "create it with `tokweight prepare INPUT.jsonl -o PREFIX` (or Megatron-LM's tools/preprocess_data.py)"
         )
+
+
+def blend_tokenizer(config: TrainConfig) -> Dict[str, Any]:
+    """The run's tokenizer spec: data.tokenizer when given, else the first prepared prefix's
+    (plain Megatron prefixes take it); {} when neither names one."""
+    from megatron_tokweight.data.plain_prefix import is_plain_prefix
+    from megatron_tokweight.data.sidecar import read_sidecar
+    from megatron_tokweight.data.tokenizer import load_tokenizer
+
+    if config.data.tokenizer is not None:
+        return load_tokenizer(config.data.tokenizer).spec()
+    for prefix in config.data.prefixes + config.data.eval_prefixes:
+        if not is_plain_prefix(prefix):
+            return dict(read_sidecar(prefix).tokenizer)
+    return {}
 
 
 def dataset_config(config: TrainConfig, prefixes, weights, weighting):
@@ -50,6 +64,7 @@ def dataset_config(config: TrainConfig, prefixes, weights, weighting):
         pack_algorithm=config.data.pack_algorithm,
         overlong=config.data.overlong,
         weighting=weighting,
+        plain_prefix_tokenizer=blend_tokenizer(config) or None,
     )
 
 
@@ -73,15 +88,22 @@ def plan_run(config: TrainConfig) -> RunPlan:
     """Check everything that can be checked before spawning; build the dataset caches."""
     import numpy as np
 
-    from megatron_tokweight.data.sidecar import read_sidecar
+    from megatron_tokweight.common.process_groups import one_process_group
+    from megatron_tokweight.data.plain_prefix import sample_metadata
     from megatron_tokweight.model import checkpoint
 
     for i, prefix in enumerate(config.data.prefixes):
         _require_prefix(prefix, f"data.prefixes[{i}]")
     for i, prefix in enumerate(config.data.eval_prefixes):
         _require_prefix(prefix, f"data.eval_prefixes[{i}]")
-    sidecars = [read_sidecar(p) for p in config.data.prefixes]
-    eval_sidecars = [read_sidecar(p) for p in config.data.eval_prefixes]
+    spec = blend_tokenizer(config)
+    if not spec:
+        raise ConfigError(
+            "data.tokenizer is needed: no prefix of data.prefixes or data.eval_prefixes has a sidecar naming a "
+            "tokenizer (plain Megatron prefixes); set it to 'byte' or the tokenizer.json they were tokenized with"
+        )
+    sidecars = [sample_metadata(p, spec) for p in config.data.prefixes]
+    eval_sidecars = [sample_metadata(p, spec) for p in config.data.eval_prefixes]
     vocab_sizes = {s.tokenizer["vocab_size"] for s in sidecars + eval_sidecars}
     if len(vocab_sizes) != 1:
         raise ConfigError(f"the prefixes were prepared with different vocabularies ({sorted(vocab_sizes)})")
@@ -107,7 +129,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
                 task_names.append(name)
     tables = [[task_names.index(n) for n in side.task_names] for side in sidecars]
 
-    train, evals = build_datasets(config)  # data errors surface here; caches are written
+    with one_process_group():  # a blend's own index cache asks for the rank
+        train, evals = build_datasets(config)  # data errors surface here; caches are written
     if trained_targets_of(train) == 0:
         raise ConfigError(
             f"data.prefixes: no sample of {', '.join(config.data.prefixes)} has a target once packed (no "
