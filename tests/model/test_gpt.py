@@ -121,6 +121,7 @@ def _fused_case(model1, model2, flat):
         fused_enabled,
         packed_fused_loss,
     )
+    from megatron_tokweight.loss.fused_linear_cross_entropy import STATS
     from megatron_tokweight.model.gpt import packed_token_loss
     from megatron_tokweight.model.gpt import row_logits as packed_logits
 
@@ -137,6 +138,7 @@ def _fused_case(model1, model2, flat):
         assert not fused_enabled(model)
         enable_fused_output(model, chunk_size=7)
         enable_fused_output(model, chunk_size=7)  # idempotent
+        forwards = STATS.forwards
         weighted, per_token = packed_fused_loss(model, flat)
         (weighted.sum() * 0.5).backward()
         weighted, reference = weighted.detach(), reference.detach()
@@ -146,6 +148,7 @@ def _fused_case(model1, model2, flat):
             "grads": max(float((p.grad - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp(min=1e-12))
                          for k, p in model.named_parameters()),
             "logprobs": float((stream_logprobs(model, flat, group) - ref_logprobs).abs().max()),
+            "scored_fused": STATS.forwards - forwards - 1,  # the scoring forward went through the fused loss
             # outside fused_targets the output layer is Megatron's own: logits as before
             "logits_shape": tuple(packed_logits(model, make_batch()).shape),
         }
@@ -198,7 +201,7 @@ def test_fused_output_layer_equals_the_models_loss(two_ranks):
         for name, padded in (("tp1", 256), ("tp2", 128)):
             fused = res["fused"][name]
             assert fused["loss"] <= 1e-5 and fused["per_token"] <= 1e-5 and fused["grads"] <= 1e-5, (rank, name, fused)
-            assert fused["logprobs"] <= 1e-5, (rank, name, fused)
+            assert fused["logprobs"] <= 1e-5 and fused["scored_fused"] == 1, (rank, name, fused)
             assert fused["logits_shape"] == (L, 2, padded)
 
 
