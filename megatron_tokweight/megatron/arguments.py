@@ -175,6 +175,10 @@ def add_packing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help="a sample longer than --seq-length is truncated to its first --seq-length tokens "
                             "(the default), split into full rows plus a remainder (its fragments share the "
                             "sample's weight), or dropped; every case is counted in the pack report")
+    group.add_argument("--pack-pad-id", type=int, default=None, metavar="ID",
+                       help="token id that pads packed rows; needed when no --data-path prefix has a sidecar "
+                            "(plain Megatron .bin/.idx prefixes, read as text samples), else the prepared "
+                            "prefixes' pad id")
     return parser
 
 

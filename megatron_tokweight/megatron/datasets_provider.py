@@ -14,6 +14,10 @@ The datasets are built on rank 0 of every TP group, on every pipeline stage (Meg
 `pretrain_gpt` builds them on the first and last stages only): middle stages need each
 micro-batch's `cu_seqlens` for THD attention, and every stage of one data-parallel replica reads
 the same rows, so each stage also computes the same normalizer.
+
+A `--data-path` prefix without a sidecar (a plain Megatron `.bin`/`.idx` from Megatron-LM's
+`tools/preprocess_data.py`) is read as text samples, one per document, blendable with prepared
+prefixes; it takes their tokenizer, or `--pack-pad-id` when none has a sidecar.
 """
 import argparse
 import os
@@ -73,6 +77,10 @@ def packed_dataset_config_from_args(args: argparse.Namespace):
         optional["pack_algorithm"] = args.pack_algorithm
     if getattr(args, "pack_overlong", None) is not None:
         optional["overlong"] = args.pack_overlong
+    if getattr(args, "pack_pad_id", None) is not None:
+        optional["pad_id"] = args.pack_pad_id
+    if "pad_id" not in optional:
+        _require_a_tokenizer(blend, blend_per_split)
     split = getattr(args, "split", None)
     if blend is not None and split is None:
         split = "969, 30, 1"  # Megatron-LM's default when --data-path is given
@@ -91,6 +99,21 @@ def packed_dataset_config_from_args(args: argparse.Namespace):
     )
 
 
+def _require_a_tokenizer(blend, blend_per_split) -> None:
+    """ConfigError naming --pack-pad-id when every prefix is a plain Megatron one (no sidecar
+    names a tokenizer, so nothing gives the pad id)."""
+    from megatron_tokweight.data.plain_prefix import is_plain_prefix
+
+    blends = [blend] if blend is not None else [b for b in blend_per_split or [] if b is not None]
+    prefixes = [prefix for b in blends for prefix in b[0]]
+    if prefixes and all(is_plain_prefix(prefix) for prefix in prefixes):
+        raise ConfigError(
+            f"no --data-path prefix has a sidecar naming a tokenizer ({', '.join(prefixes)} are plain Megatron "
+            "prefixes): pass --pack-pad-id ID, the token id that pads packed rows (e.g. your tokenizer's "
+            "end-of-document id)"
+        )
+
+
 def report_names(config) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """(task names, dataset names) for the per-task and per-dataset loss reports.
 
@@ -98,10 +121,10 @@ def report_names(config) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     dataset names when `blend` holds several prefixes (a blend's `dataset_id` indexes them, the
     same in every split). Otherwise empty: that report is off.
     """
-    from megatron_tokweight.data.sidecar import read_sidecar
+    from megatron_tokweight.data.plain_prefix import sample_metadata
 
     prefixes = config.prefixes()
-    task_lists = {tuple(read_sidecar(prefix).task_names) for prefix in prefixes}
+    task_lists = {tuple(sample_metadata(prefix).task_names) for prefix in prefixes}
     tasks = task_lists.pop() if len(task_lists) == 1 else ()
     datasets: Tuple[str, ...] = ()
     if config.blend is not None and len(config.blend[0]) > 1:
@@ -115,15 +138,16 @@ def report_names_from_args(args: argparse.Namespace) -> Tuple[Tuple[str, ...], T
 
 
 def tokenizer_vocab_size(config) -> int:
-    """The vocabulary size the prefixes' sidecars record (the largest, should they differ)."""
-    from megatron_tokweight.data.sidecar import read_sidecar
-
-    return max(int(read_sidecar(prefix).tokenizer["vocab_size"]) for prefix in config.prefixes())
+    """The vocabulary size the prefixes' tokenizer records (0 when only plain Megatron prefixes,
+    which record none, are given)."""
+    return int(config.tokenizer_spec.get("vocab_size") or 0)
 
 
 def check_vocab_size(args: argparse.Namespace) -> None:
-    """ConfigError unless Megatron-LM's (padded) model vocabulary covers the prepared token ids."""
-    vocab = tokenizer_vocab_size(packed_dataset_config_from_args(args))
+    """ConfigError unless Megatron-LM's (padded) model vocabulary covers the prepared token ids
+    (and the pad id: plain prefixes are taken to be tokenized with the model's tokenizer)."""
+    config = packed_dataset_config_from_args(args)
+    vocab = max(tokenizer_vocab_size(config), config.pad_id + 1)
     padded = getattr(args, "padded_vocab_size", None)
     if padded is None or padded < vocab:
         raise ConfigError(
