@@ -1,4 +1,5 @@
-"""`tokweight pack`: pack a prepared dataset and report what packing does to it.
+"""`tokweight pack`: pack a prepared dataset (or a plain Megatron .bin/.idx prefix, its
+documents as text samples: nothing but the prefix is needed) and report what packing does to it.
 
 Packs every sample of PREFIX (file order; the dataset shuffles per split with its seed, which
 moves only ties for bfd/ffd) and reports rows, packing efficiency (real tokens / row capacity),
@@ -13,7 +14,8 @@ from megatron_tokweight.data.packing import ALGORITHMS, OVERLONG_POLICIES
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("prefix", help="dataset prefix written by `tokweight prepare` (PREFIX.bin/.idx/.tokweight)")
+    parser.add_argument("prefix", help="dataset prefix written by `tokweight prepare` (PREFIX.bin/.idx/.tokweight), "
+                                       "or a plain Megatron .bin/.idx prefix (its documents as text samples)")
     add_packing_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--plot", metavar="PNG_PATH", help="write a histogram of row fill to this PNG")
