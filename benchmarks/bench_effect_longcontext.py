@@ -58,14 +58,14 @@ class Sizes:
     short_context: int = 32  # n: the scorer's short window (every eval distance but the first exceeds it)
     stride: int = 24  # 3n/4, the released configuration's ratio
     rows_per_step: int = 4
-    steps: int = 100
+    steps: int = 60
     hidden_size: int = 64
     num_layers: int = 2
     num_attention_heads: int = 4
     init_method_std: float = 0.1  # as tests/longcontext/test_longcontext_task.py: retrieval forms sooner
     lr: float = 3e-3
     train_samples: int = 1200
-    eval_per_distance: int = 32
+    eval_per_distance: int = 24
 
 
 FULL = Sizes()

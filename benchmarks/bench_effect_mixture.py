@@ -55,10 +55,10 @@ class Sizes:
 
 
 FULL = {
-    # ~1 minute of one core per run (training ~2/3 of it): 42 runs on 2 cores in ~25 minutes
-    "byte": Sizes(seq_length=1024, rows_per_step=4, steps=30, hidden_size=128),
+    # sized for 2 shared CPU cores: 42 runs; a run is ~1 minute of one free core
+    "byte": Sizes(seq_length=1024, rows_per_step=4, steps=20, hidden_size=64),
     # Qwen tokens are ~2.3x fewer than bytes: L = 512 holds about as many samples as 1,024 bytes
-    "qwen": Sizes(seq_length=512, rows_per_step=4, steps=30, hidden_size=64, max_new_tokens=8),
+    "qwen": Sizes(seq_length=512, rows_per_step=4, steps=20, hidden_size=64, max_new_tokens=8),
 }
 QUICK = {
     "byte": Sizes(seq_length=512, rows_per_step=2, steps=8, hidden_size=64, eval_points=2),
@@ -314,6 +314,7 @@ def plot(runs, tokenizers, arm_names, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = ("gsm8k_solution", "gsm8k_answer")
     fig, axes = plt.subplots(len(tokenizers), 2, figsize=(11, 3.8 * len(tokenizers)), squeeze=False)
@@ -336,7 +337,9 @@ def plot(runs, tokenizers, arm_names, path) -> None:
             ax.set_xlabel("step")
             ax.set_ylabel("loss (mean over seeds; band: min-max)")
             ax.set_yscale("log")
-            ax.grid(alpha=0.3)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+            ax.grid(alpha=0.3, which="both")
     axes[0][1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -357,17 +360,23 @@ def main(argv=None) -> int:
     parser.add_argument("--train-questions", type=int, default=None, help="first N GSM8K train questions")
     parser.add_argument("--eval-questions", type=int, default=None, help="first N GSM8K test questions")
     parser.add_argument("--out", default=None, help=f"results directory (default {RESULTS}; --quick: a temp dir)")
+    parser.add_argument("--replot", metavar="DIR", help="rewrite table.md and the plot from DIR/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(os.path.join(args.replot, "results.json")) as f:
+            saved = json.load(f)
+        write_outputs(args.replot, saved["meta"], saved["runs"])
+        return 0
     if not os.path.isfile(os.path.join(GSM8K, "train.jsonl")):
         raise SystemExit(f"GSM8K not found under {GSM8K} (expected train.jsonl and test.jsonl)")
     sizes = QUICK if args.quick else FULL
     seeds = args.seeds[:1] if args.quick else args.seeds
-    train_q = args.train_questions or (200 if args.quick else 7473)
-    eval_q = args.eval_questions or (16 if args.quick else 40)
+    # 20 steps x 4 rows read ~250 samples: 2,000 questions (4,000 samples) is plenty to draw them from
+    train_q = args.train_questions or (200 if args.quick else 2000)
+    eval_q = args.eval_questions or (16 if args.quick else 24)
     out_dir = args.out or (tempfile.mkdtemp(prefix="effect-mixture-quick-") if args.quick else RESULTS)
     os.makedirs(out_dir, exist_ok=True)
     arm_list = arms()
-    arm_names = [a["name"] for a in arm_list]
     t0 = time.perf_counter()
     print(f"effect_mixture: {len(arm_list)} arms x {len(seeds)} seeds x {len(args.tokenizers)} tokenizers, "
           f"{args.workers} workers; {common.cpu_note()}", flush=True)
@@ -397,22 +406,25 @@ def main(argv=None) -> int:
                                label=lambda j: f"{j['tokenizer']:4s} {j['arm']:28s} seed {j['seed']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    wall = time.perf_counter() - t0
-    agg = aggregate(runs, args.tokenizers, arm_names)
     meta = {"sizes": {t: asdict(sizes[t]) for t in args.tokenizers}, "seeds": seeds, "arms": arm_list,
-            "train_questions": train_q, "eval_questions": eval_q, "decode_questions": eval_q,
-            "decode_skipped": skipped, "data": data, "wall_seconds": wall, "workers": args.workers,
+            "tokenizers": args.tokenizers, "train_questions": train_q, "eval_questions": eval_q,
+            "decode_questions": eval_q, "decode_skipped": skipped, "data": data,
+            "wall_seconds": time.perf_counter() - t0, "workers": args.workers,
             "qwen_vocab": args.qwen_vocab, "quick": args.quick, "cpu": common.cpu_note()}
-    table = markdown(agg, args.tokenizers, arm_names, meta)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "aggregate": agg, "runs": runs}, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + f"\n\nTotal wall time {wall:.0f} s ({args.workers} workers).\n")
-    plot(runs, args.tokenizers, arm_names, os.path.join(out_dir, "loss_curves.png"))
-    print()
-    print(table)
-    print(f"\nwall time {wall:.0f} s; wrote {out_dir}/results.json, table.md, loss_curves.png")
+    write_outputs(out_dir, meta, runs)
     return 0
+
+
+def write_outputs(out_dir: str, meta: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
+    """results.json, table.md and loss_curves.png from the runs (also `--replot DIR`)."""
+    arm_names = [a["name"] for a in meta["arms"]]
+    tokenizers = meta.get("tokenizers") or list(meta["sizes"])
+    agg = aggregate(runs, tokenizers, arm_names)
+    table = markdown(agg, tokenizers, arm_names, meta)
+    common.write_results(out_dir, {"meta": meta, "aggregate": agg, "runs": runs}, table, meta["wall_seconds"],
+                         meta["workers"])
+    plot(runs, tokenizers, arm_names, os.path.join(out_dir, "loss_curves.png"))
+    print(f"wrote {out_dir}/loss_curves.png")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,20 @@ def inside_spread(a: Dict[str, float], b: Dict[str, float]) -> bool:
     return a["n"] > 0 and b["n"] > 0 and not (a["max"] < b["min"] or b["max"] < a["min"])
 
 
+def write_results(out_dir: str, results: Dict[str, Any], table: str, wall: float, workers: int) -> None:
+    """results.json and table.md (the table plus the run's wall time) under `out_dir`; prints the table."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table + f"\n\nTotal wall time {wall:.0f} s ({workers} workers side by side).\n")
+    print()
+    print(table)
+    print(f"\nwall time {wall:.0f} s; wrote {out_dir}/results.json, table.md")
+
+
 def setup_path() -> None:
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
