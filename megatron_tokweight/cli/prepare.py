@@ -25,6 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--default-task", default="default", help="task of lines without the task field (default: default)")
     parser.add_argument("--group-field", default="group",
                         help="field whose equal values mark annotations of one input (default: group)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes encoding lines in parallel; the output is the same byte for byte (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -41,6 +43,7 @@ def run(args) -> int:
         chat_template=args.chat_template,
         end_of_turn=args.end_of_turn,
         drop_non_text_parts=args.drop_non_text_parts,
+        workers=args.workers,
     )
     print(report.format())
     return 0

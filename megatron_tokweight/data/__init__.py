@@ -1,7 +1,9 @@
 """The data path: JSONL -> IndexedDataset + sidecar -> pack index -> packed rows -> THD batches.
 
   tokenizer           built-in byte tokenizer; Hugging Face `tokenizers` JSON wrapper; spec checks
+  chat_template       conversations rendered with a tokenizer's own chat template; the trained spans
   jsonl_shapes        JSONL shapes (chat, prompt/response, text) -> token ids + loss spans
+  encode_workers      JSONL chunks encoded in N processes, delivered in file order (prepare --workers)
   sidecar             the per-sample metadata format next to .bin/.idx: read, write
   sidecar_builder     SampleMetadataBuilder: a sidecar collected while `prepare` streams
   indexed_validation  a .bin/.idx pair and its sidecar checked against each other

@@ -91,14 +91,15 @@ class EncodedSample:
 
 
 class JsonlReader:
-    """Streams (line number, object) from a JSONL file; counts blank lines and bytes read."""
+    """Streams (line number, object) from a JSONL file; counts blank lines and bytes read.
+    `raw_lines()` streams the undecoded lines instead (for `parse_line` in another process)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         self.blank_lines = 0
         self.bytes_read = 0
 
-    def __iter__(self) -> Iterator[Tuple[int, dict]]:
+    def raw_lines(self) -> Iterator[Tuple[int, bytes]]:
         if not os.path.isfile(self.path):
             raise DataFormatError(f"{self.path}: input file not found")
         with open(self.path, "rb") as f:
@@ -107,15 +108,24 @@ class JsonlReader:
                 if not raw.strip():
                     self.blank_lines += 1
                     continue
-                try:
-                    obj = json.loads(raw)
-                except UnicodeDecodeError as err:
-                    raise DataFormatError(f"{self.path}:{line_no}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{self.path}:{line_no}: malformed JSON: {err.msg} (column {err.colno})") from err
-                if not isinstance(obj, dict):
-                    raise DataFormatError(f"{self.path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                yield line_no, obj
+                yield line_no, raw
+
+    def __iter__(self) -> Iterator[Tuple[int, dict]]:
+        for line_no, raw in self.raw_lines():
+            yield line_no, parse_line(self.path, line_no, raw)
+
+
+def parse_line(path, line_no: int, raw: bytes) -> dict:
+    """One JSONL line -> its object; errors name `path:line_no`."""
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}:{line_no}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{line_no}: malformed JSON: {err.msg} (column {err.colno})") from err
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 class _Builder:
@@ -325,10 +335,3 @@ def encode_record(obj: dict, tokenizer, fields: JsonlFields = JsonlFields(), pat
         raise line.error(None, f"a string holds {bad!r}, an unpaired surrogate: not valid Unicode text") from err
     return EncodedSample(tokens=tokens, spans=spans, task=task, group=group, line=line_no,
                          dropped_parts=line.dropped_parts)
-
-
-def iter_samples(reader: JsonlReader, tokenizer, fields: JsonlFields = JsonlFields(), template=None,
-                 drop_non_text_parts: bool = False) -> Iterator[EncodedSample]:
-    """Encoded samples of a JSONL file, streaming (one line in memory at a time)."""
-    for line_no, obj in reader:
-        yield encode_record(obj, tokenizer, fields, reader.path, line_no, template, drop_non_text_parts)

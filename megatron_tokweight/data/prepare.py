@@ -21,7 +21,8 @@ from megatron_tokweight.data.chat_template import (
     resolve_chat_template,
 )
 from megatron_tokweight.data.content_identity import file_sha256
-from megatron_tokweight.data.jsonl_shapes import JsonlFields, JsonlReader, iter_samples
+from megatron_tokweight.data.encode_workers import CHUNK_BYTES, EncodeJob, encoded_chunks
+from megatron_tokweight.data.jsonl_shapes import JsonlFields, JsonlReader
 from megatron_tokweight.data.sidecar import (
     SampleMetadata,
     sidecar_dir,
@@ -110,12 +111,16 @@ def prepare_jsonl(
     chat_template: Optional[str] = None,
     end_of_turn: Optional[str] = None,
     drop_non_text_parts: bool = False,
+    workers: int = 1,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> PrepareReport:
     """Tokenize `input_path` into PREFIX.bin/.idx and PREFIX.tokweight/; return what was written.
 
     Conversations render with the tokenizer directory's own chat template, or `chat_template`
     (a Jinja file, or "builtin" for the plugin's marker template; the byte tokenizer and a bare
-    tokenizer.json use that one); see `data.chat_template` for what is trained."""
+    tokenizer.json use that one); see `data.chat_template` for what is trained. `workers` > 1
+    encodes chunks of about `chunk_bytes` of input in that many processes (`data.encode_workers`);
+    the files written are the same byte for byte."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     t0 = time.perf_counter()
@@ -128,6 +133,7 @@ def prepare_jsonl(
     if not os.path.isfile(input_path):
         raise DataFormatError(f"{input_path}: input file not found")
     check_output_prefix(prefix)
+    job = EncodeJob(input_path, tok, fields, template, drop_non_text_parts, dtype)
 
     meta = SampleMetadataBuilder()
     dropped_parts = 0
@@ -142,11 +148,12 @@ def prepare_jsonl(
 
                 with tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
                           disable=not progress, file=sys.stderr) as bar:
-                    for sample in iter_samples(reader, tok, fields, template, drop_non_text_parts):
-                        builder.add_document(np.asarray(sample.tokens, dtype=dtype), [len(sample.tokens)])
-                        meta.add(len(sample.tokens), sample.task, sample.group, sample.spans)
-                        dropped_parts += sample.dropped_parts
-                        bar.update(reader.bytes_read - bar.n)
+                    for chunk in encoded_chunks(reader, job, workers, chunk_bytes):
+                        for tokens, task, group, spans in chunk.samples():
+                            builder.add_document(tokens, [len(tokens)])
+                            meta.add(len(tokens), task, group, spans)
+                        dropped_parts += chunk.dropped_parts
+                        bar.update(chunk.input_bytes)
                 builder.finalize(idx_tmp)
             except BaseException:
                 builder.data_file.close()

@@ -212,7 +212,6 @@ def test_content_parts_joined_or_dropped_and_counted(tmp_path):
 
 
 def test_bad_templates_and_directories(qwen_dir, tmp_path):
-    tok = load_tokenizer(qwen_dir)
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, {"messages": [
         {"role": "user", "content": "hi"}, {"role": "critic", "content": "no"}, {"role": "assistant", "content": "ok"}]}])
     raising = tmp_path / "raising.jinja"
@@ -241,7 +240,8 @@ def test_bad_templates_and_directories(qwen_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     os.symlink(os.path.join(qwen_dir, "tokenizer.json"), bare / "tokenizer.json")
-    config = json.loads(open(os.path.join(qwen_dir, "tokenizer_config.json")).read())
+    with open(os.path.join(qwen_dir, "tokenizer_config.json")) as f:
+        config = json.load(f)
     del config["chat_template"]
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     write_jsonl(src, [{"text": "fine"}])
