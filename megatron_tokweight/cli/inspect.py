@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="pack index cache, train's data.cache_dir (default: PREFIX's directory/cache)")
     parser.add_argument("--html", default=None, metavar="FILE", help="also write the rows as an HTML page here")
+    parser.add_argument("--table", action="store_true",
+                        help="one line per position instead of running text: position id, token, label, "
+                             "loss_mask and loss_weights exactly as the row holds them")
     parser.add_argument("--width", type=int, default=None, help="terminal width (default: the terminal's)")
 
 
@@ -61,15 +64,41 @@ def settings_line(args, dataset) -> str:
             f"CP {args.context_parallel_size}, seed {args.seed}, weighting {weighting}; {len(dataset):,} rows")
 
 
-def print_rows(console, views, settings: str) -> None:
-    """The rows on a rich Console: a legend, then per row its samples' headers and tokens."""
+def _rgb(c):
     from rich.color import Color
+
+    return Color.from_rgb(*c)
+
+
+def _position_table(view, segment, top: float, prompt):
+    """Every position of `segment` (CP padding included) as the row's arrays hold it; the label's
+    text on its weight's colour where it is trained."""
+    from rich.style import Style
+    from rich.table import Table
+    from rich.text import Text
+
+    a, stop = view.arrays, segment.start + segment.real
+    table = Table("pos", "pos id", "token", "text", "label", "label text", "loss_mask", "loss_weight",
+                  box=None, pad_edge=False, header_style="bold")
+    for p in range(segment.start, segment.end):
+        label_text = shown(view.texts[p + 1], inline=True) if p + 1 < stop else ""
+        style = prompt
+        if a["loss_mask"][p] > 0:
+            back = heat_rgb(float(a["loss_weights"][p]), top)
+            style = Style(bgcolor=_rgb(back), color=_rgb(ink_rgb(back)))
+        table.add_row(str(p), str(int(a["position_ids"][p])), str(int(a["tokens"][p])),
+                      shown(view.texts[p], inline=True) if p < stop else "(CP pad)", str(int(a["labels"][p])),
+                      Text(label_text, style=style), f"{a['loss_mask'][p]:g}", f"{a['loss_weights'][p]:.4g}")
+    return table
+
+
+def print_rows(console, views, settings: str, table: bool = False) -> None:
+    """The rows on a rich Console: a legend, then per row its samples' headers and tokens (or,
+    with `table`, one line per position)."""
     from rich.style import Style
     from rich.text import Text
 
-    def rgb(c):
-        return Color.from_rgb(*c)
-
+    rgb = _rgb
     top = top_weight(views)
     prompt = Style(color=rgb(TERMINAL_PROMPT_COLOR))
     legend = Text(settings + "\n", style="bold")
@@ -87,6 +116,9 @@ def print_rows(console, views, settings: str) -> None:
                 console.print(Text(f"[{padding_title(segment)}]", style="dim italic"))
                 continue
             console.print(Text(segment_title(segment), style="bold cyan"))
+            if table:
+                console.print(_position_table(view, segment, top, prompt))
+                continue
             text = Text()
             for p in range(segment.start, segment.start + segment.real):
                 if view.target[p]:
@@ -119,7 +151,7 @@ def run(args) -> int:
                                  args.cache_dir)
     views = row_views(dataset, rows, load_tokenizer(dataset.sidecar.tokenizer))
     settings = settings_line(args, dataset)
-    print_rows(Console(width=args.width, highlight=False), views, settings)
+    print_rows(Console(width=args.width, highlight=False), views, settings, table=args.table)
     if args.html:
         print(f"-> {write_html(args.html, views, settings)}", file=sys.stderr)
     return 0

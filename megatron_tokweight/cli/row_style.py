@@ -9,6 +9,7 @@ PROMPT_COLOR = (105, 105, 105)  # on the page's white: 5.4:1, still apart from b
 TERMINAL_PROMPT_COLOR = (128, 128, 128)
 # a newline or tab inside a token is shown as a mark too, so a trained one is visible
 VISIBLE = {"\n": "\u21b5\n", "\t": "\u21e5\t", "\r": "\u240d"}
+INLINE = {"\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d", " ": "\u2423"}
 
 
 def heat_rgb(weight: float, top: float):
@@ -31,7 +32,11 @@ def top_weight(views) -> float:
     return max((float(v.target_weight.max()) for v in views if len(v.target_weight)), default=0.0)
 
 
-def shown(text: str) -> str:
+def shown(text: str, inline: bool = False) -> str:
+    """`text` with its newlines and tabs marked (`inline`, for a table cell: the marks only, and
+    spaces as open boxes so a token of spaces is seen)."""
+    if inline:
+        return "".join(INLINE.get(c, c) for c in text)
     return "".join(VISIBLE.get(c, c) for c in text)
 
 

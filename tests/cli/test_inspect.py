@@ -274,3 +274,23 @@ def test_real_tokenizer_rows(tmp_path, prepared_prefix):
     assert [pieces[i] for i in range(len(texts))] == [t + "<|endoftext|>" for t in texts]
     # a character split across tokens: "" on all but the token completing it
     assert any(t == "" for v in views for s in v.samples for t in v.texts[s.start:s.start + s.real])
+
+
+def test_terminal_table_is_the_row(opened):
+    """--table: one line per position of each sample (CP padding included) holding the row's own
+    position id, token, label, loss_mask and loss_weights."""
+    from rich.console import Console
+
+    views = opened[1]
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_rows(console, views[:2], "settings", table=True)
+    lines = [line.split() for line in console.file.getvalue().splitlines()]
+    cells = {int(f[0]): f for f in lines if f and f[0].isdigit()}
+    a = views[1].arrays  # the later row overwrote the first's positions in `cells`
+    positions = [p for s in views[1].samples for p in range(s.start, s.end)]
+    assert sorted(cells) == sorted(set(positions) | {p for s in views[0].samples for p in range(s.start, s.end)})
+    for p in positions:
+        f = cells[p]
+        assert [int(f[1]), int(f[2])] == [a["position_ids"][p], a["tokens"][p]]
+        assert str(a["labels"][p]) in f[3:-2]  # text and label text (one cell, maybe empty) sit around it
+        assert f[-2:] == [f"{a['loss_mask'][p]:g}", f"{a['loss_weights'][p]:.4g}"]
