@@ -76,7 +76,7 @@ class PackedDataset(MegatronDataset):
         self._weighter = None
         self._token_rules = False
         # a prefix re-prepared in place must not hit the old cache: key the lengths too
-        self.unique_identifiers["lengths_md5"] = lengths_fingerprint(self.dataset.sequence_lengths)
+        self.unique_identifiers["lengths_md5"] = lengths_fingerprint(self.sidecar.lengths)  # per sample
         self.unique_description = json.dumps(
             self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
         )
