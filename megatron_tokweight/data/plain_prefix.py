@@ -11,6 +11,8 @@ the caller passes (the blend's, or the user's option); without one it is `{}`.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Optional
 
@@ -19,6 +21,7 @@ import numpy as np
 from megatron_tokweight.data.indexed_validation import read_index_arrays
 from megatron_tokweight.data.sidecar import (
     ANSWER_KIND,
+    ARRAY_SPECS,
     SampleMetadata,
     read_sidecar,
     sidecar_dir,
@@ -87,5 +90,16 @@ def sample_metadata(prefix, tokenizer: Optional[dict] = None, mmap: bool = True)
     of its documents (`tokenizer`: the spec they take; prepared prefixes carry their own)."""
     prefix = os.fspath(prefix)
     if is_plain_prefix(prefix):
-        return text_metadata(prefix, tokenizer)
+        # one copy per process while the files are unchanged: every split's dataset reads it
+        stats = tuple((st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                      for st in (os.stat(prefix + ".idx"), os.stat(prefix + ".bin")))
+        return _cached_text_metadata((os.path.abspath(prefix), stats, json.dumps(tokenizer, sort_keys=True)))
     return read_sidecar(prefix, mmap=mmap)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_text_metadata(key) -> SampleMetadata:
+    metadata = text_metadata(key[0], json.loads(key[-1]))
+    for name in ARRAY_SPECS:
+        getattr(metadata, name).flags.writeable = False  # shared: nobody may change it in place
+    return metadata

@@ -189,3 +189,12 @@ def test_idx_that_does_not_match_its_bin_is_refused(tmp_path, how, message):
 def test_undamaged_copy_reads(tmp_path):
     side = sample_metadata(damaged(tmp_path, "nothing"))
     assert side.lengths.tolist() == [4, 4, 2] and side.task_names == ["damaged"]
+
+
+def test_metadata_is_shared_until_a_file_changes(tmp_path):
+    prefix = write_plain_prefix(str(tmp_path / "shared"), [[[5, 6, EOD]], [[7, EOD]]])
+    first = sample_metadata(prefix)
+    assert sample_metadata(prefix) is first and not first.lengths.flags.writeable  # one copy per process
+    open(prefix + ".bin", "r+b").truncate(4)  # a changed .bin is checked again, not served from memory
+    with pytest.raises(DataFormatError, match="shared.bin: truncated: 4 bytes"):
+        sample_metadata(prefix)
