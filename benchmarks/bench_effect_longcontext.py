@@ -29,7 +29,6 @@ two-hop variables, and the mean loss on filler-word letters after the first (sho
 
 writes benchmarks/results/effect_longcontext/{results.json, table.md, accuracy.png}.
 """
-import argparse
 import json
 import os
 import random
@@ -330,25 +329,21 @@ def plot(agg, arm_names, path) -> None:
     ax2.set_ylabel("filler-letter loss (short context)")
     ax2.set_title("variable tracking vs short-context loss", fontsize=10)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     common.setup_path()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (tiny sizes, one seed)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--out", default=None, help=f"results directory (default {RESULTS}; --quick: a temp dir)")
+    parser = common.base_parser(__doc__, RESULTS, SEEDS)
     args = parser.parse_args(argv)
+    if args.replot:
+        common.replot(args.replot, write_outputs)
+        return 0
     sizes = QUICK if args.quick else FULL
     seeds = args.seeds[:1] if args.quick else args.seeds
     out_dir = args.out or (tempfile.mkdtemp(prefix="effect-longcontext-quick-") if args.quick else RESULTS)
     os.makedirs(out_dir, exist_ok=True)
     arm_list = arms()
-    arm_names = [a["name"] for a in arm_list]
     t0 = time.perf_counter()
     print(f"effect_longcontext: {len(arm_list)} arms x {len(seeds)} seeds, {args.workers} workers; {common.cpu_note()}",
           flush=True)
@@ -392,21 +387,21 @@ def main(argv=None) -> int:
         runs += common.run_jobs(run_job, jobs_for(("frozen",)), args.workers, label=label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    wall = time.perf_counter() - t0
-    agg = aggregate(runs, arm_names)
     meta = {"sizes": asdict(sizes), "seeds": seeds, "arms": arm_list, "distances": DISTANCES,
-            "eval_per_distance": sizes.eval_per_distance, "wall_seconds": wall, "workers": args.workers,
-            "scoring": scoring, "quick": args.quick, "cpu": common.cpu_note()}
-    table = markdown(agg, arm_names, meta)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "aggregate": agg, "runs": runs}, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + f"\n\nTotal wall time {wall:.0f} s ({args.workers} workers).\n")
-    plot(agg, arm_names, os.path.join(out_dir, "accuracy.png"))
-    print()
-    print(table)
-    print(f"\nwall time {wall:.0f} s; wrote {out_dir}/results.json, table.md, accuracy.png")
+            "eval_per_distance": sizes.eval_per_distance, "wall_seconds": time.perf_counter() - t0,
+            "workers": args.workers, "scoring": scoring, "quick": args.quick, "cpu": common.cpu_note()}
+    write_outputs(out_dir, meta, runs)
     return 0
+
+
+def write_outputs(out_dir: str, meta: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
+    """results.json, table.md and accuracy.png from the runs (also `--replot DIR`)."""
+    arm_names = [a["name"] for a in meta["arms"]]
+    agg = aggregate(runs, arm_names)
+    common.write_results(out_dir, {"meta": meta, "aggregate": agg, "runs": runs}, markdown(agg, arm_names, meta),
+                         meta["wall_seconds"], meta["workers"])
+    plot(agg, arm_names, os.path.join(out_dir, "accuracy.png"))
+    print(f"wrote {out_dir}/accuracy.png")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ rows in the same order. Measured on held-out GSM8K test questions: per-task mean
 
 writes benchmarks/results/effect_mixture/{results.json, table.md, loss_curves.png}.
 """
-import argparse
 import json
 import os
 import shutil
@@ -335,37 +334,29 @@ def plot(runs, tokenizers, arm_names, path) -> None:
                                 color="black" if arm == UNIFORM else colors[k % len(colors)], alpha=0.12)
             ax.set_title(f"{tok} tokenizer: {task} (held-out)", fontsize=10)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel("loss (mean over seeds; band: min-max)")
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
             ax.grid(alpha=0.3, which="both")
     axes[0][1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     common.setup_path()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (tiny sizes, one seed)")
-    parser.add_argument("--workers", type=int, default=2, help="runs side by side (one torch thread each)")
+    parser = common.base_parser(__doc__, RESULTS, SEEDS)
     parser.add_argument("--tokenizers", nargs="+", default=["qwen", "byte"], choices=["byte", "qwen"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--qwen-vocab", choices=["corpus", "full"], default="corpus",
                         help="corpus: Qwen's tokenization with the vocabulary restricted to the tokens GSM8K uses "
-                             "(identical token sequences, checked; ~18k ids instead of 151,669); full: the whole "
+                             "(identical token sequences, checked; 10,861 ids for the default 2,000 + 24 questions, not 151,669); full: the whole "
                              "vocabulary (its output layer makes a CPU run ~10x slower)")
     parser.add_argument("--train-questions", type=int, default=None, help="first N GSM8K train questions")
     parser.add_argument("--eval-questions", type=int, default=None, help="first N GSM8K test questions")
-    parser.add_argument("--out", default=None, help=f"results directory (default {RESULTS}; --quick: a temp dir)")
-    parser.add_argument("--replot", metavar="DIR", help="rewrite table.md and the plot from DIR/results.json")
     args = parser.parse_args(argv)
     if args.replot:
-        with open(os.path.join(args.replot, "results.json")) as f:
-            saved = json.load(f)
-        write_outputs(args.replot, saved["meta"], saved["runs"])
+        common.replot(args.replot, write_outputs)
         return 0
     if not os.path.isfile(os.path.join(GSM8K, "train.jsonl")):
         raise SystemExit(f"GSM8K not found under {GSM8K} (expected train.jsonl and test.jsonl)")

@@ -103,6 +103,37 @@ def write_results(out_dir: str, results: Dict[str, Any], table: str, wall: float
     print(f"\nwall time {wall:.0f} s; wrote {out_dir}/results.json, table.md")
 
 
+def base_parser(doc: str, results_dir: str, seeds):
+    """The options both effect benchmarks share."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (tiny sizes, one seed)")
+    parser.add_argument("--workers", type=int, default=2, help="runs side by side (one torch thread each)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
+    parser.add_argument("--out", default=None, help=f"results directory (default {results_dir}; --quick: a temp dir)")
+    parser.add_argument("--replot", metavar="DIR", help="rewrite table.md and the plot from DIR/results.json")
+    return parser
+
+
+def replot(directory: str, write_outputs) -> None:
+    """write_outputs(directory, meta, runs) from directory/results.json: a new table and plot
+    without training again."""
+    import json
+
+    with open(os.path.join(directory, "results.json")) as f:
+        saved = json.load(f)
+    write_outputs(directory, saved["meta"], saved["runs"])
+
+
+def save_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def setup_path() -> None:
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
