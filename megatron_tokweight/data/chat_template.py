@@ -192,6 +192,8 @@ class ChatTemplate:
                 f"{where}: the chat template ({self.source}) has generation markers but marks no part of "
                 f"message {with_payload[0].index} (assistant): nothing would be trained"
             )
+        if len(blocks) == len(turns):  # an empty answer's block (its end-of-turn token alone) is not trained
+            return [b if t.has_payload else None for t, b in zip(turns, blocks)]
         if len(blocks) != len(with_payload):
             raise DataFormatError(
                 f"{where}: the chat template ({self.source}) marks {len(blocks)} generation block(s) for "

@@ -10,7 +10,7 @@ import pytest
 from jsonl_files import write_jsonl
 
 from megatron_tokweight import cli
-from megatron_tokweight.data.chat_template import resolve_chat_template
+from megatron_tokweight.data.chat_template import ChatTemplate, resolve_chat_template
 from megatron_tokweight.data.indexed_validation import validate_against_indexed_dataset
 from megatron_tokweight.data.jsonl_shapes import encode_record
 from megatron_tokweight.data.prepare import prepare_jsonl
@@ -149,6 +149,13 @@ def test_llama3_template_ids_and_trained_tokens(llama_dir):
         assert sample.tokens == list(ids) and sample.tokens[0] == hf.convert_tokens_to_ids("<|begin_of_text|>")
         ref_ids, ref_trained = reference(hf, obj, LLAMA3_TEMPLATE)
         assert ref_ids == sample.tokens and trained_positions(sample.spans) == ref_trained, obj
+    # an empty answer gets no span, not even its <|eot_id|>, found by the sentinel or marked
+    marked = ChatTemplate(hf, LLAMA3_TEMPLATE, "marked")
+    empty = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "b"}, {"role": "assistant", "content": "ok"}]}
+    for t in (template, marked):
+        sample = encode_record(empty, tok, template=t)
+        assert "".join(tok.decode(sample.tokens[s:e]) for s, e, _ in sample.spans) == "ok<|eot_id|>"
 
 
 def test_prepare_with_tokenizer_dir_kinds_and_text_lines(qwen_dir, tmp_path):
