@@ -18,8 +18,8 @@ def chunk_statistics(logits: torch.Tensor, local: torch.Tensor, mine: torch.Tens
 
 
 def chunk_gradient_(state, maximum, lse, local, mine, scale, dtype):
-    grad = state.mul_(torch.exp(maximum - lse).unsqueeze(1))  # softmax
-    rows = torch.arange(grad.shape[0], device=grad.device)
-    grad[rows[mine], local[mine]] -= 1.0
-    grad.mul_(scale.unsqueeze(1))
+    scale = scale.to(state.dtype)
+    grad = state.mul_((torch.exp(maximum - lse) * scale).unsqueeze(1))  # softmax * scale, one pass
+    rows = torch.arange(grad.shape[0], device=grad.device)[mine]
+    grad[rows, local[mine]] -= scale[mine]
     return grad if grad.dtype == dtype else grad.to(dtype)
