@@ -90,6 +90,11 @@ def _gather_sequence(hidden: torch.Tensor, tp_group) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _full_sequence(hidden: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """The whole sequence of hidden states: all-gathered under sequence parallel, else as given."""
+    return _gather_sequence(hidden, tp_group) if sequence_parallel and group_size(tp_group) > 1 else hidden
+
+
 def _reduce_hidden_grad(grad: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
     """Sum the per-shard hidden gradients over TP (what the output layer's input path does in
     Megatron's backward: all-reduce, or reduce-scatter along the sequence under SP)."""
@@ -106,14 +111,14 @@ def _reduce_hidden_grad(grad: torch.Tensor, tp_group, sequence_parallel: bool) -
 
 
 def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start, tp_group, chunk, need_grad, lse_in=None):
-    """One walk over the token chunks: per-token loss, log p(label) and logsumexp (fp32) and, when
+    """One walk over the token chunks: per-token loss (-log p(label)) and logsumexp (fp32) and, when
     `need_grad`, the fp32 gradients for x [N, h] (this shard's part of the sum over TP) and for the
     weight shard, each token's logit gradient scaled by `token_weights` (times `factors` if given).
     `lse_in`: the forward's logsumexp, reused by the recompute instead of the collectives."""
     n, local_vocab = x.shape[0], weight.shape[0]
     tp = group_size(tp_group)
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    logprob, lse_all = torch.empty_like(loss), torch.empty_like(loss)
+    lse_all = torch.empty_like(loss)
     grad_x = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device) if need_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
     # one logits buffer for every chunk: no allocation (and, on CPU, no fresh pages) per chunk
@@ -139,7 +144,6 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
                 lse = maximum + torch.log(sum_exp)
             lse_all[start:end] = lse
             loss[start:end] = lse - target
-            logprob[start:end] = target - lse
         else:
             lse = lse_in[start:end]
         if need_grad:
@@ -152,7 +156,7 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
                 grad_w.add_(torch.matmul(grad_logits.t(), xc))
             del grad_logits
         del logits, state
-    return loss, logprob, lse_all, grad_x, grad_w
+    return loss, lse_all, grad_x, grad_w
 
 
 class _FusedLinearWeightedCE(torch.autograd.Function):
@@ -160,17 +164,17 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, token_weights, tp_group, sequence_parallel, chunk, implementation,
                 need_grad, main_grad_fusion):
         kernels = _kernels(implementation)
-        full = _gather_sequence(hidden, tp_group) if sequence_parallel and group_size(tp_group) > 1 else hidden
+        full = _full_sequence(hidden, tp_group, sequence_parallel)
         s, b, h = full.shape
         x = full.reshape(s * b, h)
         flat_labels, flat_weights = labels.reshape(-1), token_weights.reshape(-1).float()
         start = _vocab_start(weight.shape[0], tp_group)
-        loss, logprob, lse, grad_x, grad_w = _chunk_pass(
+        loss, lse, grad_x, grad_w = _chunk_pass(
             kernels, x, weight, flat_labels, flat_weights, None, start, tp_group, chunk, need_grad
         )
         STATS.forwards += 1
         weighted = (loss * flat_weights).reshape(s, b)
-        logprob = logprob.reshape(s, b)
+        logprob = loss.neg_().reshape(s, b)
         ctx.mark_non_differentiable(logprob)
         if need_grad:
             grad_x = _reduce_hidden_grad(grad_x.reshape(s, b, h), tp_group, sequence_parallel)
@@ -189,9 +193,9 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
             grad_x, grad_w = grad_x.mul_(factor), grad_w.mul_(factor)
             STATS.shortcut_backwards += 1
         else:  # per-token factors that differ: recompute every chunk with them (exact)
-            full = _gather_sequence(hidden, tp_group) if sequence_parallel and group_size(tp_group) > 1 else hidden
+            full = _full_sequence(hidden, tp_group, sequence_parallel)
             s, b, h = full.shape
-            _, _, _, grad_x, grad_w = _chunk_pass(
+            _, _, grad_x, grad_w = _chunk_pass(
                 _kernels(implementation), full.reshape(s * b, h), weight, labels, token_weights,
                 grad_weighted.reshape(-1).float(), start, tp_group, chunk, True, lse_in=lse,
             )
@@ -207,13 +211,12 @@ def uniform_value(grad: torch.Tensor) -> Optional[torch.Tensor]:
 
     An expanded scalar (what autograd gives for `loss.sum() * c`) is recognised from its strides,
     with no host sync; any other tensor is compared on the device (one sync)."""
-    flat = grad.reshape(-1) if grad.is_contiguous() or all(st == 0 for st in grad.stride()) else grad.flatten()
     if grad.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=grad.device)
-    first = flat[0].float()
+    first = grad.reshape(-1)[0]
     if all(st == 0 for st in grad.stride()):
-        return first
-    return first if bool((grad == flat[0]).all()) else None
+        return first.float()
+    return first.float() if bool((grad == first).all()) else None
 
 
 def _weight_gradient(weight: torch.Tensor, grad_w: torch.Tensor, main_grad_fusion: bool):
