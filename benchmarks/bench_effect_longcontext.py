@@ -26,6 +26,7 @@ query: retrieval accuracy (argmax of the queried value, teacher forced) per dist
 two-hop variables, and the mean loss on filler-word letters after the first (short context).
 
     nice -n 15 python3 benchmarks/bench_effect_longcontext.py [--quick] [--workers 2]
+        [--steps S --rows-per-step R --hidden-size H] [--arms TEXT ...] [--seeds ...]
 
 writes benchmarks/results/effect_longcontext/{results.json, table.md, accuracy.png}.
 """
@@ -35,7 +36,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List
 
 import effect_common as common
@@ -339,11 +340,13 @@ def main(argv=None) -> int:
     if args.replot:
         common.replot(args.replot, write_outputs)
         return 0
-    sizes = QUICK if args.quick else FULL
+    sizes = common.with_budget(QUICK if args.quick else FULL, args)
+    # enough distinct samples that no row repeats within the budget
+    sizes = replace(sizes, train_samples=max(sizes.train_samples, sizes.steps * sizes.rows_per_step))
     seeds = args.seeds[:1] if args.quick else args.seeds
     out_dir = args.out or (tempfile.mkdtemp(prefix="effect-longcontext-quick-") if args.quick else RESULTS)
     os.makedirs(out_dir, exist_ok=True)
-    arm_list = arms()
+    arm_list = common.select_arms(arms(), args.arms, UNIFORM)  # frozen arms need the uniform model
     t0 = time.perf_counter()
     print(f"effect_longcontext: {len(arm_list)} arms x {len(seeds)} seeds, {args.workers} workers; {common.cpu_note()}",
           flush=True)

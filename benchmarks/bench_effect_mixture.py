@@ -360,14 +360,14 @@ def main(argv=None) -> int:
         return 0
     if not os.path.isfile(os.path.join(GSM8K, "train.jsonl")):
         raise SystemExit(f"GSM8K not found under {GSM8K} (expected train.jsonl and test.jsonl)")
-    sizes = QUICK if args.quick else FULL
+    sizes = {name: common.with_budget(s, args) for name, s in (QUICK if args.quick else FULL).items()}
     seeds = args.seeds[:1] if args.quick else args.seeds
     # 20 steps x 4 rows read ~250 samples: 2,000 questions (4,000 samples) is plenty to draw them from
     train_q = args.train_questions or (200 if args.quick else 2000)
     eval_q = args.eval_questions or (16 if args.quick else 24)
     out_dir = args.out or (tempfile.mkdtemp(prefix="effect-mixture-quick-") if args.quick else RESULTS)
     os.makedirs(out_dir, exist_ok=True)
-    arm_list = arms()
+    arm_list = common.select_arms(arms(), args.arms, UNIFORM)
     t0 = time.perf_counter()
     print(f"effect_mixture: {len(arm_list)} arms x {len(seeds)} seeds x {len(args.tokenizers)} tokenizers, "
           f"{args.workers} workers; {common.cpu_note()}", flush=True)

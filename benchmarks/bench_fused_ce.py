@@ -14,7 +14,9 @@ trimmed before each run and VmHWM reset (`/proc/self/clear_refs`); then
   hidden gradients every path must return);
 - "transient": peak minus RSS after the backward with those gradients alive (what the loss
   computation holds beyond its results: the logits, their gradient, chunk buffers).
-Time: the best of `--reps` runs per path, paths alternating. Ratios are fused / Megatron.
+Time: `--reps` rounds, each running every path (order alternating); the best time per path, and
+the median over rounds of each run's time / Megatron's in the same round (the machine's speed
+drifts). Ratios are fused / Megatron.
 
     python benchmarks/bench_fused_ce.py                 # V 152,064, s 4,096, h 1,024, TP 1 and 2, fp32
     python benchmarks/bench_fused_ce.py --sweep-tokens 1024   # plus the V sweep 32k..256k
@@ -122,14 +124,19 @@ def run_case(tokens, hidden_size, vocab, tp_group, reps, with_cce):
     reset = paths.pop("reset")
     for run in paths.values():  # warm-up (torch.compile, first-touch page faults), not measured
         run()
-    best = {name: None for name in paths}
+    runs = {name: [] for name in paths}
     for rep in range(reps):
         order = list(paths) if rep % 2 == 0 else list(reversed(paths))
         for name in order:
-            result = measure(paths[name], reset)
-            old = best[name]
-            best[name] = result if old is None else (min(old[0], result[0]), max(old[1], result[1]), max(old[2], result[2]))
-    return {name: {"seconds": s, "loss_scope_bytes": m, "transient_bytes": t} for name, (s, m, t) in best.items()}
+            runs[name].append(measure(paths[name], reset))
+    out = {}
+    for name, results in runs.items():
+        seconds = [r[0] for r in results]
+        # the machine's speed drifts between runs: each run against Megatron's of the same round
+        paired = sorted(s / m[0] for s, m in zip(seconds, runs["megatron"]))
+        out[name] = {"seconds": min(seconds), "all_seconds": seconds, "paired_ratio_median": paired[len(paired) // 2],
+                     "loss_scope_bytes": max(r[1] for r in results), "transient_bytes": max(r[2] for r in results)}
+    return out
 
 
 def _rank(rank, world_size, cases, reps, with_cce):
@@ -149,22 +156,27 @@ def run_tp(world_size, cases, reps, with_cce):
     out = []
     for i, case in enumerate(per_rank[0]):  # the worst rank per path
         merged = dict(case)
-        merged["results"] = {name: {key: max(r[i]["results"][name][key] for r in per_rank) for key in values}
-                             for name, values in case["results"].items()}
+        merged["results"] = {name: {key: max((r[i]["results"][name][key] for r in per_rank), key=_worst)
+                                    for key in values} for name, values in case["results"].items()}
         out.append(merged)
     return out
 
 
+def _worst(value):
+    return max(value) if isinstance(value, list) else value
+
+
 def _table(rows):
-    lines = ["| V | tokens | h | TP | path | time s | loss scope MiB | transient MiB | time ratio | scope ratio | transient ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| V | tokens | h | TP | path | time s (best) | loss scope MiB | transient MiB | time ratio (best) | "
+             "time ratio (median of rounds) | scope ratio | transient ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = row["results"]["megatron"]
         for name, r in row["results"].items():
             lines.append(
                 f"| {row['vocab']:,} | {row['tokens']:,} | {row['hidden']:,} | {row['tp']} | {name} | {r['seconds']:.2f} | "
                 f"{r['loss_scope_bytes'] / 2**20:,.0f} | {r['transient_bytes'] / 2**20:,.0f} | "
-                f"{r['seconds'] / base['seconds']:.3f} | {r['loss_scope_bytes'] / max(base['loss_scope_bytes'], 1):.3f} | "
+                f"{r['seconds'] / base['seconds']:.3f} | {r['paired_ratio_median']:.3f} | {r['loss_scope_bytes'] / max(base['loss_scope_bytes'], 1):.3f} | "
                 f"{r['transient_bytes'] / max(base['transient_bytes'], 1):.3f} |"
             )
     return "\n".join(lines)
@@ -176,7 +188,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sweep-tokens", type=int, default=0,
                         help="also sweep V over 32k, 64k, 128k, 256k at this many tokens (0: no sweep)")
     parser.add_argument("--cce", action="store_true", help="include cut-cross-entropy (TP 1 only)")

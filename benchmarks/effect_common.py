@@ -113,7 +113,35 @@ def base_parser(doc: str, results_dir: str, seeds):
     parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
     parser.add_argument("--out", default=None, help=f"results directory (default {results_dir}; --quick: a temp dir)")
     parser.add_argument("--replot", metavar="DIR", help="rewrite table.md and the plot from DIR/results.json")
+    budget = parser.add_argument_group("budget (every arm the same; default: the sizes in the script)")
+    budget.add_argument("--steps", type=int, default=None)
+    budget.add_argument("--rows-per-step", type=int, default=None)
+    budget.add_argument("--hidden-size", type=int, default=None)
+    parser.add_argument("--arms", nargs="+", default=None, metavar="TEXT",
+                        help="only the arms whose name contains one of these (uniform always runs)")
     return parser
+
+
+def with_budget(sizes, args):
+    """`sizes` (a Sizes dataclass) with --steps / --rows-per-step / --hidden-size applied."""
+    import dataclasses
+
+    changes = {name: getattr(args, name) for name in ("steps", "rows_per_step", "hidden_size")
+               if getattr(args, name) is not None}
+    for name, value in changes.items():
+        if value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return dataclasses.replace(sizes, **changes)
+
+
+def select_arms(arm_list: List[Dict[str, Any]], patterns, always: str) -> List[Dict[str, Any]]:
+    """The arms named by --arms (substrings), plus `always` (the baseline every table compares to)."""
+    if not patterns:
+        return arm_list
+    unknown = [p for p in patterns if not any(p in arm["name"] for arm in arm_list)]
+    if unknown:
+        raise SystemExit(f"--arms {unknown} match no arm; the arms are: {[arm['name'] for arm in arm_list]}")
+    return [arm for arm in arm_list if arm["name"] == always or any(p in arm["name"] for p in patterns)]
 
 
 def replot(directory: str, write_outputs) -> None:

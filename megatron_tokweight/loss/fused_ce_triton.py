@@ -16,6 +16,8 @@ import torch
 from megatron_tokweight.errors import ConfigError
 
 BLOCK = 1024
+# the kernels walk each token's logits as one contiguous row: [c, V/TP] storage
+VOCAB_MAJOR = False
 
 
 def require_triton() -> None:

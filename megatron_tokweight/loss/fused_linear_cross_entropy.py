@@ -39,11 +39,13 @@ from megatron_tokweight.loss import checks
 IMPLEMENTATIONS = ("torch", "triton")
 # the one setting users choose (TrainConfig.fused_cross_entropy, --tokweight-fused-ce): off = Megatron's path
 FUSED_CROSS_ENTROPY = ("off",) + IMPLEMENTATIONS
-# default chunk: about this many bytes of fp32 logits per chunk (the loss scope's working set).
-# Smaller chunks cost time: each chunk adds a rank-c update of the whole fp32 weight gradient
-# (memory traffic of 2 x |W| per chunk), measured on CPU at V 152,064, h 1,024: 55-token chunks
-# 1.8x Megatron's time, 128 1.2x, 256 1.05x (benchmarks/bench_fused_ce.py)
-DEFAULT_CHUNK_BYTES = 160 * 2**20
+# default chunk: DEFAULT_CHUNK_TOKENS tokens, fewer where their fp32 logits would pass
+# DEFAULT_CHUNK_BYTES. Matmul speed follows the token count: each chunk re-reads the weight shard
+# twice and updates the whole fp32 weight gradient (a rank-c update), and on CPU (MKL, 2 cores,
+# V 152,064, h 1,024) 256-token chunks cost 1.10x Megatron's time, 384 about 1.05x; the bytes cap
+# bounds the buffer for large vocabulary shards (benchmarks/bench_fused_ce.py)
+DEFAULT_CHUNK_TOKENS = 384
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass
@@ -59,10 +61,11 @@ STATS = FusedStats()
 
 
 def chunk_tokens(local_vocab: int, chunk_size: Optional[int], num_tokens: int) -> int:
-    """Tokens per chunk: `chunk_size`, or as many as fit DEFAULT_CHUNK_BYTES of fp32 logits."""
+    """Tokens per chunk: `chunk_size`, or DEFAULT_CHUNK_TOKENS capped at DEFAULT_CHUNK_BYTES of
+    fp32 logits (in multiples of 64 tokens from 64 up: whole GEMM tiles)."""
     if chunk_size is None:
-        chunk_size = max(16, DEFAULT_CHUNK_BYTES // (4 * max(local_vocab, 1)))
-        chunk_size -= chunk_size % 64 if chunk_size >= 64 else 0  # whole GEMM tiles
+        chunk_size = min(DEFAULT_CHUNK_TOKENS, max(16, DEFAULT_CHUNK_BYTES // (4 * max(local_vocab, 1))))
+        chunk_size -= chunk_size % 64 if chunk_size >= 64 else 0
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return max(1, min(chunk_size, num_tokens))
@@ -110,6 +113,16 @@ def _reduce_hidden_grad(grad: torch.Tensor, tp_group, sequence_parallel: bool) -
     return out
 
 
+def _chunk_logits(xc: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor, vocab_major: bool) -> torch.Tensor:
+    """The chunk's logits [c, V/TP] in the input dtype (as Megatron's output layer computes them),
+    written into `buffer`. `vocab_major`: stored as [V/TP, c] and returned as its transpose: on CPU
+    (MKL) the product with the weight's rows as the long side runs ~20% faster at c = 256."""
+    c, v = xc.shape[0], weight.shape[0]
+    if vocab_major:
+        return torch.mm(weight, xc.t(), out=buffer[: v * c].view(v, c)).t()
+    return torch.mm(xc, weight.t(), out=buffer[: c * v].view(c, v))
+
+
 def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start, tp_group, chunk, need_grad, lse_in=None):
     """One walk over the token chunks: per-token loss (-log p(label)) and logsumexp (fp32) and, when
     `need_grad`, the fp32 gradients for x [N, h] (this shard's part of the sum over TP) and for the
@@ -120,14 +133,14 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse_all = torch.empty_like(loss)
     grad_x = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device) if need_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+    # written by the first chunk, accumulated by the rest (no zero fill of |W| fp32)
+    grad_w = (torch.empty if n else torch.zeros)(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
     # one logits buffer for every chunk: no allocation (and, on CPU, no fresh pages) per chunk
-    buffer = torch.empty(min(chunk, n), local_vocab, dtype=x.dtype, device=x.device)
+    buffer = torch.empty(min(chunk, n) * local_vocab, dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         xc = x[start:end]
-        # [c, V/TP] in the input dtype, as Megatron's output layer computes them
-        logits = torch.matmul(xc, weight.t(), out=buffer[: end - start])
+        logits = _chunk_logits(xc, weight, buffer, kernels.VOCAB_MAJOR)
         local = labels[start:end] - vocab_start
         mine = (local >= 0) & (local < local_vocab)
         local = torch.where(mine, local, torch.zeros_like(local))
@@ -149,11 +162,14 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
         if need_grad:
             scale = token_weights[start:end] if factors is None else token_weights[start:end] * factors[start:end]
             grad_logits = kernels.chunk_gradient_(state, maximum, lse, local, mine, scale, x.dtype)
-            grad_x[start:end] = torch.matmul(grad_logits, weight)
+            beta = 0 if start == 0 else 1
             if grad_logits.dtype == torch.float32:
-                grad_w.addmm_(grad_logits.t(), xc)
-            else:  # bf16/fp16: the product in the input dtype (as Megatron's wgrad), summed in fp32
-                grad_w.add_(torch.matmul(grad_logits.t(), xc))
+                torch.mm(grad_logits, weight, out=grad_x[start:end])
+                grad_w.addmm_(grad_logits.t(), xc, beta=beta)  # beta 0 ignores the empty memory
+            else:  # bf16/fp16: the products in the input dtype (as Megatron's dgrad/wgrad), summed in fp32
+                grad_x[start:end] = torch.matmul(grad_logits, weight)
+                product = torch.matmul(grad_logits.t(), xc)
+                grad_w.copy_(product) if beta == 0 else grad_w.add_(product)
             del grad_logits
         del logits, state
     return loss, lse_all, grad_x, grad_w
@@ -291,8 +307,8 @@ def fused_linear_weighted_cross_entropy(
         labels: [s, b] integer ids in [0, vocab), the same on every TP rank.
         weights: [s, b] per-token weights, finite and >= 0, the same on every TP rank.
         tp_group: the tensor-parallel group (None: no TP).
-        chunk_size: tokens per chunk (None: about 160 MiB of fp32 logits per chunk, in multiples
-            of 64 tokens: 256 at a 152,064-row shard).
+        chunk_size: tokens per chunk (None: 384, fewer where their fp32 logits would pass 256 MiB,
+            i.e. shards of more than 174,762 rows; `chunk_tokens`).
         implementation: "torch" or "triton" (GPU tensors, or CPU under TRITON_INTERPRET=1).
         return_logprobs: also return log p(label) [s, b] fp32 (no gradient; the long-context
             scorer's input).
