@@ -42,8 +42,8 @@ FUSED_CROSS_ENTROPY = ("off",) + IMPLEMENTATIONS
 # default chunk: DEFAULT_CHUNK_TOKENS tokens, fewer where their fp32 logits would pass
 # DEFAULT_CHUNK_BYTES. Matmul speed follows the token count: each chunk re-reads the weight shard
 # twice and updates the whole fp32 weight gradient (a rank-c update), and on CPU (MKL, 2 cores,
-# V 152,064, h 1,024) 256-token chunks cost 1.10x Megatron's time, 384 about 1.05x; the bytes cap
-# bounds the buffer for large vocabulary shards (benchmarks/bench_fused_ce.py)
+# V 152,064, h 1,024) 256-token chunks cost 1.10x Megatron's time, 384 0.95-1.07x (medians of two
+# runs); the bytes cap bounds the buffer for large vocabulary shards (benchmarks/bench_fused_ce.py)
 DEFAULT_CHUNK_TOKENS = 384
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -169,7 +169,10 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
             else:  # bf16/fp16: the products in the input dtype (as Megatron's dgrad/wgrad), summed in fp32
                 grad_x[start:end] = torch.matmul(grad_logits, weight)
                 product = torch.matmul(grad_logits.t(), xc)
-                grad_w.copy_(product) if beta == 0 else grad_w.add_(product)
+                if beta == 0:
+                    grad_w.copy_(product)
+                else:
+                    grad_w.add_(product)
             del grad_logits
         del logits, state
     return loss, lse_all, grad_x, grad_w
