@@ -380,14 +380,16 @@ def main(argv=None) -> int:
         print("phase 1: uniform and unfrozen-scorer arms", flush=True)
         first = jobs_for((None, "unfrozen"))
         runs = common.run_jobs(run_job, first, args.workers, label=label)
-        print("phase 2: each seed's uniform model scores the training data (frozen scorer)", flush=True)
-        vocab = first[0]["plan"].vocab_size
-        scoring = common.run_jobs(score_job, [
-            {"seed": seed, "checkpoint": os.path.join(work, "runs", f"{UNIFORM}-{seed}"), "prefix": prefixes[seed],
-             "vocab_size": vocab, "n": sizes.short_context, "stride": sizes.stride} for seed in seeds],
-            args.workers, label=lambda j: f"scorer seed {j['seed']}")
-        print("phase 3: frozen-scorer arms", flush=True)
-        runs += common.run_jobs(run_job, jobs_for(("frozen",)), args.workers, label=label)
+        scoring = []
+        if any(arm["scorer"] == "frozen" for arm in arm_list):  # --arms may leave none
+            print("phase 2: each seed's uniform model scores the training data (frozen scorer)", flush=True)
+            vocab = first[0]["plan"].vocab_size
+            scoring = common.run_jobs(score_job, [
+                {"seed": seed, "checkpoint": os.path.join(work, "runs", f"{UNIFORM}-{seed}"), "prefix": prefixes[seed],
+                 "vocab_size": vocab, "n": sizes.short_context, "stride": sizes.stride} for seed in seeds],
+                args.workers, label=lambda j: f"scorer seed {j['seed']}")
+            print("phase 3: frozen-scorer arms", flush=True)
+            runs += common.run_jobs(run_job, jobs_for(("frozen",)), args.workers, label=label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"sizes": asdict(sizes), "seeds": seeds, "arms": arm_list, "distances": DISTANCES,
