@@ -18,9 +18,10 @@ other `grad_output` the backward recomputes every chunk with the per-token facto
 cost of the second pass the shortcut avoids (`FusedStats.recomputed_backwards` counts them).
 
 Collectives, all on `tp_group` (none for a group of one): under sequence parallel one all-gather
-of the hidden states (sequence dimension) in the forward; per chunk an all-reduce MAX [chunk] and
-an all-reduce SUM [2, chunk]; one all-reduce SUM (reduce-scatter under sequence parallel) of the
-hidden-state gradient [s, b, h], done in the forward when gradients are needed. The backward
+of the hidden states (sequence dimension) in the forward; per chunk one all-gather of each
+shard's (max, sum-exp, target logit) [3, chunk]; one all-reduce SUM (reduce-scatter under
+sequence parallel) of the hidden-state gradient [s, b, h], done in the forward when gradients
+are needed. The backward
 communicates only when it recomputes. Nothing over DP, CP or PP.
 
 Implementations (chosen explicitly, `implementation=`): "torch" (CPU and GPU; the reference and the
@@ -123,6 +124,19 @@ def _chunk_logits(xc: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor, 
     return torch.mm(xc, weight.t(), out=buffer[: c * v].view(c, v))
 
 
+def _merge_shard_statistics(maximum, sum_exp, target, tp_group):
+    """(logsumexp, target logit) over the TP group from each shard's (max, sum exp(z - max),
+    target logit or 0): one all-gather of [3, c] per chunk, not an all-reduce MAX then SUM, so the
+    ranks meet once per chunk; every rank combines the same gathered values in the same order."""
+    mine = torch.stack([maximum, sum_exp, target])
+    parts = [torch.empty_like(mine) for _ in range(group_size(tp_group))]
+    torch.distributed.all_gather(parts, mine, group=tp_group)
+    shards = torch.stack(parts)  # [TP, 3, c]
+    global_max = shards[:, 0].amax(dim=0)
+    total = (shards[:, 1] * torch.exp(shards[:, 0] - global_max)).sum(dim=0)
+    return global_max + torch.log(total), shards[:, 2].sum(dim=0)
+
+
 def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start, tp_group, chunk, need_grad, lse_in=None):
     """One walk over the token chunks: per-token loss (-log p(label)) and logsumexp (fp32) and, when
     `need_grad`, the fp32 gradients for x [N, h] (this shard's part of the sum over TP) and for the
@@ -147,12 +161,7 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
         state, maximum, sum_exp, target = kernels.chunk_statistics(logits, local, mine)
         if lse_in is None:
             if tp > 1:
-                global_max = maximum.clone()
-                torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
-                pair = torch.stack([sum_exp * torch.exp(maximum - global_max), target])
-                torch.distributed.all_reduce(pair, group=tp_group)
-                lse = global_max + torch.log(pair[0])
-                target = pair[1]
+                lse, target = _merge_shard_statistics(maximum, sum_exp, target, tp_group)
             else:
                 lse = maximum + torch.log(sum_exp)
             lse_all[start:end] = lse
