@@ -22,6 +22,9 @@ from megatron_tokweight.errors import ConfigError
 
 # the layer norms Megatron offers (ModelConfig.normalization); not the loss normalization modes
 NORM_LAYERS = ("LayerNorm", "RMSNorm")
+# ModelConfig.position_embedding_type: learned positions, or rotary (restarted per packed sample
+# through cu_seqlens, as Megatron applies it to THD batches)
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    position_embedding_type: str = "learned_absolute"
 
     def __post_init__(self):
         positive = (
@@ -87,6 +91,11 @@ class ModelConfig:
         if self.normalization not in NORM_LAYERS:
             raise ConfigError(
                 f"model.normalization must be one of {NORM_LAYERS}, got {self.normalization!r}"
+            )
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            raise ConfigError(
+                f"model.position_embedding_type must be one of {POSITION_EMBEDDINGS}, got "
+                f"{self.position_embedding_type!r}"
             )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -174,9 +183,28 @@ def _model_class():
     return _MODEL_CLASS
 
 
+def _rope_where_its_frequencies_are(model) -> None:
+    """Megatron's `RotaryEmbedding.get_emb` first moves its frequencies to
+    `torch.cuda.current_device()`; without CUDA this model's instance computes the same
+    (non-interleaved) embedding on the device the frequencies are on. No class is patched."""
+    import torch
+
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or torch.cuda.is_available():
+        return
+    if rope.rotary_interleaved:
+        raise ConfigError("rotary_interleaved RoPE is not supported without CUDA")
+
+    def get_emb(max_seq_len: int, offset: int = 0):
+        freqs = rope.get_freqs_non_repeated(max_seq_len, offset)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [s, 1, 1, rotary dim]
+
+    rope.get_emb = get_emb
+
+
 def build_gpt_model(config: ModelConfig, tp_group=None, pg_collection=None, use_te: bool = False):
-    """A `GPTModel` (learned absolute positions, vocab-parallel output) on CPU; its loss (when
-    called with `labels`) is the per-token cross-entropy over the model's own TP group.
+    """A `GPTModel` (`config.position_embedding_type` positions, vocab-parallel output) on CPU;
+    its loss (when called with `labels`) is the per-token cross-entropy over the model's own TP group.
 
     Pass the tensor-parallel group (`tp_group`; size-1 PP/CP groups are made here) or a full
     `pg_collection`; torch.distributed must be initialised (gloo is enough). The initial weights
@@ -194,16 +222,18 @@ def build_gpt_model(config: ModelConfig, tp_group=None, pg_collection=None, use_
             f"the TP group has {tp_size} ranks but model.tensor_model_parallel_size="
             f"{config.tensor_model_parallel_size}"
         )
-    return _model_class()(
+    model = _model_class()(
         config=config.transformer_config(),
         transformer_layer_spec=gpt_layer_spec(use_te=use_te, normalization=config.normalization),
         vocab_size=config.padded_vocab_size,
         max_sequence_length=config.seq_length,
         parallel_output=True,
         share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
-        position_embedding_type="learned_absolute",
+        position_embedding_type=config.position_embedding_type,
         pg_collection=pg_collection,
     )
+    _rope_where_its_frequencies_are(model)
+    return model
 
 
 def packed_logits(model, batch):

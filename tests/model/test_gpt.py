@@ -43,22 +43,58 @@ def single_row_batch(tokens):
     }
 
 
-def _model_case(rank, world_size):
+def _models(rank, world_size, **extra):
+    """The same seed's model at TP = 1 (this rank alone) and TP = 2 (both ranks)."""
     import torch.distributed as dist
 
     from megatron_tokweight.model.gpt import build_gpt_model
-    from megatron_tokweight.model.gpt import row_logits as packed_logits
 
     tp2_group = dist.new_group(list(range(world_size)))
     tp1_group = dist.new_group([rank], use_local_synchronization=True)
-    config = dict(vocab_size=250, seq_length=L, num_layers=2, hidden_size=32,
-                  num_attention_heads=4)
+    config = dict(vocab_size=250, seq_length=L, num_layers=2, hidden_size=32, num_attention_heads=4, **extra)
     torch.manual_seed(1234)
     model1 = build_gpt_model(ModelConfig(**config), tp_group=tp1_group).eval()
     torch.manual_seed(1234)
-    model2 = build_gpt_model(
-        ModelConfig(**config, tensor_model_parallel_size=2), tp_group=tp2_group
-    ).eval()
+    model2 = build_gpt_model(ModelConfig(**config, tensor_model_parallel_size=2), tp_group=tp2_group).eval()
+    return model1, model2
+
+
+def _model_case(rank, world_size):
+    model1, model2 = _models(rank, world_size)
+    result = _isolation_case(model1, model2, world_size)
+    # the model's loss (labels given) = plain torch cross-entropy on the full logits, at both TP sizes
+    from megatron_tokweight.data.thd_batch import flatten_rows
+    from megatron_tokweight.model.gpt import packed_token_loss
+
+    batch = make_batch()
+    labels = torch.randint(0, 250, batch["tokens"].shape, generator=torch.Generator().manual_seed(9))
+    flat = flatten_rows({**batch, "labels": labels})
+    reference = torch.nn.functional.cross_entropy(
+        result["tp1"]["logits"].transpose(0, 1).reshape(-1, result["tp1"]["logits"].shape[-1]), labels.reshape(-1),
+        reduction="none",
+    ).reshape(1, -1)
+    with torch.no_grad():
+        for name, model in (("tp1", model1), ("tp2", model2)):
+            loss = packed_token_loss(model, flat)
+            result[name]["loss_shape"] = tuple(loss.shape)
+            result[name]["loss_vs_reference"] = float((loss - reference).abs().max())
+    del result["tp1"]["logits"], result["tp2"]["logits"]
+    result["fused"] = _fused_case(model1, model2, flat)
+    # rotary positions: the same isolation and TP checks (RoPE restarts per sample through cu_seqlens)
+    rope1, rope2 = _models(rank, world_size, position_embedding_type="rope")
+    result["rope"] = _isolation_case(rope1, rope2, world_size)
+    result["rope"]["has_rotary"] = rope1.rotary_pos_emb is not None
+    result["rope"]["has_learned_positions"] = hasattr(rope1.embedding, "position_embeddings")
+    del result["rope"]["tp1"]["logits"], result["rope"]["tp2"]["logits"]
+    return result
+
+
+def _isolation_case(model1, model2, world_size):
+    """Leakage, one sample alone, TP 2 against TP 1 and THD against SBHD for one pair of models
+    (each "logits" entry is left for the caller's loss checks)."""
+    import torch.distributed as dist
+
+    from megatron_tokweight.model.gpt import row_logits as packed_logits
 
     batch = make_batch()
     changed = {k: v.clone() for k, v in batch.items()}
@@ -93,22 +129,6 @@ def _model_case(rank, world_size):
     dist.all_gather(shards, result["tp2"]["logits"].contiguous())
     full = torch.cat(shards, dim=-1)
     result["tp2_vs_tp1"] = float((full - result["tp1"]["logits"]).abs().max())
-    # the model's loss (labels given) = plain torch cross-entropy on the full logits, at both TP sizes
-    from megatron_tokweight.data.thd_batch import flatten_rows
-    from megatron_tokweight.model.gpt import packed_token_loss
-
-    labels = torch.randint(0, 250, batch["tokens"].shape, generator=torch.Generator().manual_seed(9))
-    flat = flatten_rows({**batch, "labels": labels})
-    reference = torch.nn.functional.cross_entropy(
-        result["tp1"]["logits"].transpose(0, 1).reshape(-1, full.shape[-1]), labels.reshape(-1), reduction="none"
-    ).reshape(1, -1)
-    with torch.no_grad():
-        for name, model in (("tp1", model1), ("tp2", model2)):
-            loss = packed_token_loss(model, flat)
-            result[name]["loss_shape"] = tuple(loss.shape)
-            result[name]["loss_vs_reference"] = float((loss - reference).abs().max())
-    del result["tp1"]["logits"], result["tp2"]["logits"]
-    result["fused"] = _fused_case(model1, model2, flat)
     return result
 
 
@@ -169,9 +189,15 @@ def test_logits_shapes(two_ranks):
         assert res["tp2"]["shape"] == (L, 2, padded_vocab // 2)
 
 
+def _positions(res, kind):
+    return res["rope"] if kind == "rope" else res
+
+
 @pytest.mark.distributed
-def test_no_cross_sample_leakage_tp1_and_tp2(two_ranks):
+@pytest.mark.parametrize("kind", ["learned_absolute", "rope"])
+def test_no_cross_sample_leakage_tp1_and_tp2(two_ranks, kind):
     for rank, res in enumerate(two_ranks):
+        res = _positions(res, kind)
         for name in ("tp1", "tp2"):
             # every other sample (and the padding) is untouched by the change ...
             assert res[name]["outside"] <= 1e-6, (rank, name, res[name])
@@ -189,10 +215,18 @@ def test_packed_token_loss_equals_plain_cross_entropy(two_ranks):
 
 
 @pytest.mark.distributed
-def test_tp2_equals_tp1_and_thd_equals_sbhd(two_ranks):
+@pytest.mark.parametrize("kind", ["learned_absolute", "rope"])
+def test_tp2_equals_tp1_and_thd_equals_sbhd(two_ranks, kind):
     for res in two_ranks:
+        res = _positions(res, kind)
         assert res["tp2_vs_tp1"] <= 1e-5, res
         assert res["sbhd_vs_thd"] <= 1e-5, res
+
+
+@pytest.mark.distributed
+def test_rope_model_has_rotary_and_no_learned_positions(two_ranks):
+    for res in two_ranks:
+        assert res["rope"]["has_rotary"] and not res["rope"]["has_learned_positions"], res["rope"]
 
 
 @pytest.mark.distributed
@@ -216,4 +250,6 @@ def test_model_config_validation():
         ModelConfig(vocab_size=300, seq_length=8, hidden_size=50)
     with pytest.raises(ConfigError, match="normalization"):
         ModelConfig(vocab_size=300, seq_length=8, normalization="BatchNorm")
+    with pytest.raises(ConfigError, match="position_embedding_type must be one of"):
+        ModelConfig(vocab_size=300, seq_length=8, position_embedding_type="alibi")
     assert ModelConfig(vocab_size=300, seq_length=8).padded_vocab_size == 384
