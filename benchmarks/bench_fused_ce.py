@@ -5,13 +5,14 @@ Megatron's path: `ColumnParallelLinear` (gather_output=False, the GPT output lay
 backward. "megatron fused-ce": the same layer then Megatron's `fused_vocab_parallel_cross_entropy`
 (`cross_entropy_loss_fusion`, torch.compile'd) times w_t, Megatron's fastest path without Transformer
 Engine; it hands the logits' gradient back in bf16 whatever the model's dtype (its code casts it),
-so in fp32 its gradients differ from the others by ~2e-3 relative (checked at V 4,096, TP 1 and 2). Fused: `fused_linear_weighted_cross_entropy` on the same hidden states and weight shard
-(on CUDA also `implementation="triton"` where Triton imports).
+so in fp32 its gradients differ from the others by ~2e-3 relative (checked at V 4,096, TP 1 and
+2). Fused: `fused_linear_weighted_cross_entropy` on the same hidden states and weight shard (on
+CUDA also `implementation="triton"` where Triton imports).
 Optionally (`--cce`) Apple's `cut-cross-entropy` (`linear_cross_entropy(reduction="none")` times
 w_t; on CPU only its `torch_compile` implementation runs: its Triton kernel needs a GPU).
 
 Memory on CUDA: the caching allocator's counters (peak allocated minus allocated before / after).
-Memory on CPU, per rank, from the kernel's resident-set counters (CPU has no allocator statistics). So
+Memory on CPU, per rank, from the kernel's resident-set counters (no allocator statistics). So
 that RSS follows the live tensors, every allocation of 64 KiB or more is its own mapping, returned
 at free (glibc `mallopt(M_MMAP_THRESHOLD)`, set in each rank before any tensor), the heap is
 trimmed before each run and VmHWM reset (`/proc/self/clear_refs`); then
