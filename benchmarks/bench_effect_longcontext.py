@@ -58,7 +58,7 @@ class Sizes:
     short_context: int = 32  # n: the scorer's short window (every eval distance but the first exceeds it)
     stride: int = 24  # 3n/4, the released configuration's ratio
     rows_per_step: int = 8
-    steps: int = 1200  # with learned positions no arm retrieved at 60 x 4 (nor uniform at 1,200 x 8)
+    steps: int = 1200
     hidden_size: int = 64
     num_layers: int = 2
     num_attention_heads: int = 4

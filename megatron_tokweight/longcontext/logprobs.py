@@ -1,14 +1,15 @@
 """log p(label) from vocab-parallel logits, reduced over the tensor-parallel group, without grad.
 
 Under TP each rank holds logits for a contiguous vocabulary shard [rank * v/tp, (rank+1) * v/tp)
-(Megatron's `VocabUtility` layout). log p(y) = z_y - logsumexp_v z_v needs three all-reduces over
-`tp_group`: MAX of the shard maxima, SUM of the shard sums of exp(z - max), and SUM of the target
-logit, which exactly one shard holds (the others contribute 0). Every rank ends with the same
+(Megatron's `VocabUtility` layout). log p(y) = z_y - logsumexp_v z_v from each shard's max, sum of
+exp(z - max) and target logit (held by exactly one shard, 0 elsewhere): one all-gather over
+`tp_group` (`merge_shard_statistics`, shared with the fused loss). Every rank ends with the same
 values. Scores are weights, not a loss: nothing here is differentiated.
 """
 import torch
 
 from megatron_tokweight.common.process_groups import group_rank, group_size
+from megatron_tokweight.loss.fused_linear_cross_entropy import merge_shard_statistics
 
 
 @torch.no_grad()
@@ -24,7 +25,6 @@ def target_logprobs(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
             "logits must be labels' shape plus a vocabulary dimension"
         )
-    import torch.distributed as dist
 
     tp_size = group_size(tp_group)
     logits = logits.detach().float()
@@ -43,15 +43,12 @@ def target_logprobs(
     first, last = VocabUtility.vocab_range_from_per_partition_vocab_size(
         local_vocab, group_rank(tp_group), tp_size
     )
-    maximum = logits.max(dim=-1).values
-    dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=tp_group)
-    shifted = logits - maximum.unsqueeze(-1)
-    sum_exp = shifted.exp().sum(dim=-1)
-    dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=tp_group)
+    maximum = logits.amax(dim=-1)
+    sum_exp = (logits - maximum.unsqueeze(-1)).exp().sum(dim=-1)
     mine = (labels >= first) & (labels < last)
     local_index = torch.where(mine, labels - first, torch.zeros_like(labels))
-    target = shifted.gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
+    target = logits.gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
     target = torch.where(mine, target, torch.zeros_like(target))
-    dist.all_reduce(target, op=dist.ReduceOp.SUM, group=tp_group)
-    return target - sum_exp.log()
+    lse, target = merge_shard_statistics(maximum, sum_exp, target, tp_group)
+    return target - lse
 

@@ -21,8 +21,7 @@ Collectives, all on `tp_group` (none for a group of one): under sequence paralle
 of the hidden states (sequence dimension) in the forward; per chunk one all-gather of each
 shard's (max, sum-exp, target logit) [3, chunk]; one all-reduce SUM (reduce-scatter under
 sequence parallel) of the hidden-state gradient [s, b, h], done in the forward when gradients
-are needed. The backward
-communicates only when it recomputes. Nothing over DP, CP or PP.
+are needed. The backward communicates only when it recomputes. Nothing over DP, CP or PP.
 
 Implementations (chosen explicitly, `implementation=`): "torch" (CPU and GPU; the reference and the
 fallback) and "triton" (`fused_ce_triton`: the per-chunk softmax statistics and the in-place
@@ -43,8 +42,9 @@ FUSED_CROSS_ENTROPY = ("off",) + IMPLEMENTATIONS
 # default chunk: DEFAULT_CHUNK_TOKENS tokens, fewer where their fp32 logits would pass
 # DEFAULT_CHUNK_BYTES. Matmul speed follows the token count: each chunk re-reads the weight shard
 # twice and updates the whole fp32 weight gradient (a rank-c update), and on CPU (MKL, 2 cores,
-# V 152,064, h 1,024) 256-token chunks cost 1.10x Megatron's time, 384 0.95-1.07x (medians of two
-# runs); the bytes cap bounds the buffer for large vocabulary shards (benchmarks/bench_fused_ce.py)
+# V 152,064, h 1,024) 256-token chunks cost 1.10x Megatron's time, 384 1.00-1.13x per round at
+# TP 1 and 0.99-1.02x at TP 2; the bytes cap bounds the buffer for large vocabulary shards
+# (benchmarks/bench_fused_ce.py)
 DEFAULT_CHUNK_TOKENS = 384
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -124,10 +124,11 @@ def _chunk_logits(xc: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor, 
     return torch.mm(xc, weight.t(), out=buffer[: c * v].view(c, v))
 
 
-def _merge_shard_statistics(maximum, sum_exp, target, tp_group):
-    """(logsumexp, target logit) over the TP group from each shard's (max, sum exp(z - max),
-    target logit or 0): one all-gather of [3, c] per chunk, not an all-reduce MAX then SUM, so the
-    ranks meet once per chunk; every rank combines the same gathered values in the same order."""
+def merge_shard_statistics(maximum, sum_exp, target, tp_group):
+    """(logsumexp, target logit) over the vocabulary shards of the TP group, from each shard's
+    (max, sum exp(z - max), target logit or 0), all of one shape: one all-gather of [3, ...]
+    rather than an all-reduce MAX then SUM, so the ranks meet once; every rank combines the same
+    gathered values in the same order (the fused loss per chunk, the scorer's log-probs)."""
     mine = torch.stack([maximum, sum_exp, target])
     parts = [torch.empty_like(mine) for _ in range(group_size(tp_group))]
     torch.distributed.all_gather(parts, mine, group=tp_group)
@@ -161,7 +162,7 @@ def _chunk_pass(kernels, x, weight, labels, token_weights, factors, vocab_start,
         state, maximum, sum_exp, target = kernels.chunk_statistics(logits, local, mine)
         if lse_in is None:
             if tp > 1:
-                lse, target = _merge_shard_statistics(maximum, sum_exp, target, tp_group)
+                lse, target = merge_shard_statistics(maximum, sum_exp, target, tp_group)
             else:
                 lse = maximum + torch.log(sum_exp)
             lse_all[start:end] = lse
