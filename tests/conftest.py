@@ -3,6 +3,10 @@ from pathlib import Path
 import pytest
 from jsonl_files import write_jsonl
 
+from megatron_tokweight.common.cpu_math import settle_vector_math
+
+settle_vector_math()  # before any test's first multi-threaded exp (the module says why)
+
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
 

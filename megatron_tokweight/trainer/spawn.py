@@ -62,6 +62,7 @@ def _entry(rank, fn, world_size, port, backend, result_dir, launcher, args):
     import torch
     import torch.distributed as dist
 
+    from megatron_tokweight.common.cpu_math import settle_vector_math
     from megatron_tokweight.common.expected_warnings import (
         silence_expected_megatron_warnings,
     )
@@ -71,6 +72,7 @@ def _entry(rank, fn, world_size, port, backend, result_dir, launcher, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # one intra-op thread per rank: ranks share the machine's cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    settle_vector_math()
     out_path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)

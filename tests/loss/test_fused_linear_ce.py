@@ -147,9 +147,11 @@ def test_bad_input_is_refused_before_any_chunk(change, message):
 _TRITON_CHECK = textwrap.dedent(
     """
     import torch
+    from megatron_tokweight.common.cpu_math import settle_vector_math
     from megatron_tokweight.loss import fused_ce_torch, fused_ce_triton
     from megatron_tokweight.loss.fused_linear_cross_entropy import fused_linear_weighted_cross_entropy
 
+    settle_vector_math()  # before the first multi-threaded exp (the module says why)
     g = torch.Generator().manual_seed(0)
     worst = {}
     for dtype in (torch.float32, torch.bfloat16):
