@@ -221,19 +221,29 @@ def _worst(value):
     return max(value) if isinstance(value, list) else value
 
 
+def _processor(device_type: str) -> str:
+    """The chip the times belong to (the ratios differ between CPU models: see the README)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as info:
+        return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+
+
 def _table(rows):
     """Ratios against Megatron's unfused path, and time against the fastest Megatron path measured."""
     lines = [("| V | tokens | h | TP | path | time s (best) | loss scope MiB | transient MiB | time ratio (best) | "
-              "time ratio (median of rounds) | time vs fastest Megatron path | scope ratio | transient ratio |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "time ratio (median of rounds) | time ratio per round | time vs fastest Megatron path | scope ratio | "
+              "transient ratio |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = row["results"]["megatron"]
         fastest = min(r["seconds"] for name, r in row["results"].items() if name.startswith("megatron"))
         for name, r in row["results"].items():
+            per_round = " / ".join(f"{t / m:.2f}" for t, m in zip(r["all_seconds"], base["all_seconds"]))
             lines.append(
                 f"| {row['vocab']:,} | {row['tokens']:,} | {row['hidden']:,} | {row['tp']} | {name} | {r['seconds']:.2f} | "
                 f"{r['loss_scope_bytes'] / 2**20:,.0f} | {r['transient_bytes'] / 2**20:,.0f} | "
-                f"{r['seconds'] / base['seconds']:.3f} | {r['paired_ratio_median']:.3f} | {r['seconds'] / fastest:.3f} | "
+                f"{r['seconds'] / base['seconds']:.3f} | {r['paired_ratio_median']:.3f} | {per_round} | {r['seconds'] / fastest:.3f} | "
                 f"{r['loss_scope_bytes'] / max(base['loss_scope_bytes'], 1):.3f} | "
                 f"{r['transient_bytes'] / max(base['transient_bytes'], 1):.3f} |"
             )
@@ -274,7 +284,7 @@ def main(argv=None):
         print(_table(rows), flush=True)
     table = _table(rows)
     meta = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "device": args.device, "dtype": args.dtype, "seconds": time.time() - started, "argv": sys.argv[1:]}
+            "processor": _processor(args.device), "device": args.device, "dtype": args.dtype, "seconds": time.time() - started, "argv": sys.argv[1:]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     Path(args.out + ".md").write_text(f"{table}\n\n{json.dumps(meta)}\n")

@@ -41,10 +41,10 @@ IMPLEMENTATIONS = ("torch", "triton")
 FUSED_CROSS_ENTROPY = ("off",) + IMPLEMENTATIONS
 # default chunk: DEFAULT_CHUNK_TOKENS tokens, fewer where their fp32 logits would pass
 # DEFAULT_CHUNK_BYTES. Matmul speed follows the token count: each chunk re-reads the weight shard
-# twice and updates the whole fp32 weight gradient (a rank-c update), and on CPU (MKL, 2 cores,
-# V 152,064, h 1,024) 256-token chunks cost 1.10x Megatron's time, 384 1.00-1.13x per round at
-# TP 1 and 0.99-1.02x at TP 2; the bytes cap bounds the buffer for large vocabulary shards
-# (benchmarks/bench_fused_ce.py)
+# twice and updates the whole fp32 weight gradient (a rank-c update). On CPU (MKL, 2 cores,
+# V 152,064, h 1,024) an AMD EPYC took 1.10x Megatron's time with 256-token chunks and 1.00-1.13x
+# per round with 384; an AVX-512 Xeon 0.72-0.94x with 384. The bytes cap bounds the buffer for
+# large vocabulary shards (benchmarks/bench_fused_ce.py)
 DEFAULT_CHUNK_TOKENS = 384
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
