@@ -284,7 +284,8 @@ def main(argv=None):
         print(_table(rows), flush=True)
     table = _table(rows)
     meta = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "processor": _processor(args.device), "device": args.device, "dtype": args.dtype, "seconds": time.time() - started, "argv": sys.argv[1:]}
+            "processor": _processor(args.device), "device": args.device, "dtype": args.dtype,
+            "seconds": time.time() - started, "argv": sys.argv[1:]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     Path(args.out + ".md").write_text(f"{table}\n\n{json.dumps(meta)}\n")
